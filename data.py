@@ -1,0 +1,506 @@
+"""
+The data module shared by dino.py, simdino.py, dinov2.py and simdinov2.py.
+
+- MultiCropAugmentation: DINO's multi-crop views (2 global + M local crops).
+- SyntheticShapes: an embedded 10-class dataset drawn on the fly, the default data
+  of every script and of the test suite (no files, no downloads).
+- ImageFolderDataset / build_dataset: an ImageFolder-style tree, root/<class>/<image>,
+  with unreadable images skipped and counted (or a clean stop).
+- BlockMaskGenerator / collate_multicrop: the block masks of BEiT/iBOT/DINOv2 and the
+  DINOv2 rule that spreads mask ratios over the batch.
+
+Imports only torch, torchvision, PIL, numpy and the standard library, so the file can
+be copied on its own. Typical use (DINOv2-style, ViT patch 16):
+
+    aug = MultiCropAugmentation()  # 2 x 224 + 10 x 96
+    dataset = build_dataset(args.data, transform=aug)  # "synthetic" or a folder
+    collate = functools.partial(collate_multicrop, mask_generator=BlockMaskGenerator(224 // 16))
+    loader = DataLoader(dataset, batch_size=64, num_workers=8, collate_fn=collate)
+    for batch in loader:  # batch["views"], batch["labels"], batch["masks"]
+        ...
+"""
+
+import math
+import multiprocessing as mp
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(Exception):
+    """An expected user mistake (bad path, bad image, bad setting). The message is one
+    line naming the problem and the fix; the scripts print it and exit non-zero."""
+
+    def __str__(self):
+        # raised in a DataLoader worker, it comes back as DataError(the worker's whole
+        # traceback): keep the last line, which is the original one-line message
+        msg = super().__str__().strip()
+        return msg.splitlines()[-1].split("DataError: ", 1)[-1] if "\n" in msg else msg
+
+
+# -----------------------------------------------------------------------------
+# Multi-crop augmentation (DINO, Caron et al. 2021, and SimDINO Table 4)
+
+class RandomGaussianBlur:
+    """PIL Gaussian blur with radius ~ U[radius_min, radius_max], applied with prob. p.
+    DINO blurs with PIL's radius, not torchvision's kernel-size/sigma GaussianBlur."""
+
+    def __init__(self, p, radius_min=0.1, radius_max=2.0):
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img):
+        # torch RNG (not `random`) so one torch.manual_seed reproduces every view
+        if torch.rand(1).item() >= self.p:
+            return img
+        radius = self.radius_min + (self.radius_max - self.radius_min) * torch.rand(1).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+    def __repr__(self):
+        return f"RandomGaussianBlur(p={self.p}, radius=[{self.radius_min}, {self.radius_max}])"
+
+
+def _check_crop(name, size, scale):
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise DataError(f"{name}_crops_size must be a positive integer, got {size!r}: "
+                        f"pass e.g. --{name}_crops_size {224 if name == 'global' else 96}")
+    ok = len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1
+    if not ok:
+        raise DataError(f"{name}_crops_scale must be two numbers 0 < min <= max <= 1, got "
+                        f"{tuple(scale)}: pass e.g. --{name}_crops_scale "
+                        f"{'0.4 1.0' if name == 'global' else '0.05 0.4'}")
+
+
+class MultiCropAugmentation:
+    """PIL image -> [global crop 1, global crop 2, local crop 1, ..., local crop M],
+    tensors (3, G, G) x 2 then (3, L, L) x M, normalised with the ImageNet statistics.
+    The three pipelines differ only in blur probability (1.0 / 0.1 / 0.5) and in the
+    solarisation (p=0.2) of global crop 2: the two global views are made asymmetric."""
+
+    def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
+                 local_crops_number=10, global_crops_size=224, local_crops_size=96):
+        _check_crop("global", global_crops_size, global_crops_scale)
+        if not isinstance(local_crops_number, int) or local_crops_number < 0:
+            raise DataError(f"local_crops_number must be an integer >= 0, got "
+                            f"{local_crops_number!r}: pass e.g. --local_crops_number 10")
+        if local_crops_number > 0:
+            _check_crop("local", local_crops_size, local_crops_scale)
+        self.local_crops_number = local_crops_number
+
+        flip_and_color_jitter = transforms.Compose([
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomApply([transforms.ColorJitter(
+                brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+        ])
+        self.normalize = transforms.Compose([
+            transforms.ToTensor(),  # uint8 HWC [0, 255] -> float CHW [0, 1]
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+        bicubic = transforms.InterpolationMode.BICUBIC
+
+        def crop(size, scale):
+            return transforms.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic)
+
+        self.global_transform1 = transforms.Compose([
+            crop(global_crops_size, global_crops_scale),
+            flip_and_color_jitter,
+            RandomGaussianBlur(p=1.0),
+            self.normalize,
+        ])
+        self.global_transform2 = transforms.Compose([
+            crop(global_crops_size, global_crops_scale),
+            flip_and_color_jitter,
+            RandomGaussianBlur(p=0.1),
+            transforms.RandomSolarize(threshold=128, p=0.2),  # PIL ImageOps.solarize
+            self.normalize,
+        ])
+        self.local_transform = transforms.Compose([
+            crop(local_crops_size, local_crops_scale),
+            flip_and_color_jitter,
+            RandomGaussianBlur(p=0.5),
+            self.normalize,
+        ])
+
+    def __call__(self, image):
+        if image.mode != "RGB":  # grayscale/RGBA/palette inputs still give 3 channels
+            image = image.convert("RGB")
+        crops = [self.global_transform1(image), self.global_transform2(image)]
+        crops += [self.local_transform(image) for _ in range(self.local_crops_number)]
+        return crops
+
+
+# -----------------------------------------------------------------------------
+# Embedded synthetic data: 10 classes of shapes and textures
+
+SYNTHETIC_SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "crescent")
+SYNTHETIC_TEXTURES = ("stripes", "checker", "dots")
+SYNTHETIC_CLASSES = SYNTHETIC_SHAPES + SYNTHETIC_TEXTURES
+
+
+def _polygon(cx, cy, r, angle, points):
+    """points: (k, 2) array in units of r around the origin -> rotated, placed list."""
+    c, s = math.cos(angle), math.sin(angle)
+    x = cx + r * (c * points[:, 0] - s * points[:, 1])
+    y = cy + r * (s * points[:, 0] + c * points[:, 1])
+    return list(zip(x.tolist(), y.tolist()))
+
+
+def _regular(k, radii=(1.0,)):
+    """Regular k-gon inscribed in the unit circle, or a k-pointed star when given
+    alternating outer/inner radii."""
+    n = k * len(radii)
+    a = 2 * math.pi * np.arange(n) / n
+    rad = np.array(radii * k)
+    return np.stack([rad * np.cos(a), rad * np.sin(a)], 1)
+
+
+_SQUARE, _TRIANGLE, _STAR = _regular(4), _regular(3), _regular(5, (1.0, 0.45))
+_CROSS = np.array([(1, .3), (.3, .3), (.3, 1), (-.3, 1), (-.3, .3), (-1, .3), (-1, -.3),
+                   (-.3, -.3), (-.3, -1), (.3, -1), (.3, -.3), (1, -.3)]) / math.hypot(1, .3)
+
+
+def _shape_mask(name, T, rng):
+    """(T, T) float mask in [0, 1] of one object: `name` decides the outline; position,
+    size (diameter 35-70% of the side) and rotation are random."""
+    r = rng.uniform(0.35, 0.7) * T / 2
+    cx, cy = rng.uniform(r, T - r, 2)
+    angle = rng.uniform(0, 2 * math.pi)
+    canvas = Image.new("L", (T, T), 0)
+    draw = ImageDraw.Draw(canvas)
+
+    def disc(x, y, rr, fill):
+        draw.ellipse([x - rr, y - rr, x + rr, y + rr], fill=fill)
+
+    if name == "circle":
+        disc(cx, cy, r, 255)
+    elif name == "ring":
+        disc(cx, cy, r, 255)
+        disc(cx, cy, 0.55 * r, 0)
+    elif name == "crescent":  # a disc minus a shifted disc: the bite's side is random
+        disc(cx, cy, r, 255)
+        disc(cx + 0.5 * r * math.cos(angle), cy + 0.5 * r * math.sin(angle), 0.85 * r, 0)
+    else:
+        pts = {"square": _SQUARE, "triangle": _TRIANGLE, "cross": _CROSS, "star": _STAR}[name]
+        draw.polygon(_polygon(cx, cy, r, angle, pts), fill=255)
+    return np.asarray(canvas, dtype=np.float32) / 255
+
+
+def _texture_mask(name, S, rng):
+    """(S, S) float mask of a full-image periodic texture: random period
+    (0.15 to 0.3 of the side), orientation and phase. Edges are anti-aliased from the
+    distance to the nearest edge in pixels, rather than by supersampling (4x cheaper)."""
+    period = rng.uniform(0.15, 0.3) * S  # pixels
+    angle = rng.uniform(0, math.pi)
+    c, s = math.cos(angle) / period, math.sin(angle) / period
+    x = np.arange(S, dtype=np.float32) + 0.5
+    u = c * x[None, :] + s * x[:, None] + rng.uniform(0, 1)  # (S, S), in periods
+    v = -s * x[None, :] + c * x[:, None] + rng.uniform(0, 1)
+    u, v = u - np.floor(u) - 0.5, v - np.floor(v) - 0.5  # (S, S) in [-0.5, 0.5)
+    if name == "dots":  # discs on a square lattice
+        d = np.sqrt(u * u + v * v) * period  # distance to the disc centre, pixels
+        return np.clip(rng.uniform(0.25, 0.35) * period - d + 0.5, 0, 1)
+    su = np.clip((np.abs(u) - 0.25) * period + 0.5, 0, 1)  # square wave in u, soft edges
+    if name == "stripes":
+        return su
+    sv = np.clip((np.abs(v) - 0.25) * period + 0.5, 0, 1)
+    return su * sv + (1 - su) * (1 - sv)  # checker: XNOR of two square waves
+
+
+def _luma(rgb):
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def _two_colours(rng, min_contrast=80.0):
+    """Background and foreground RGB, independent of the class, whose luminances
+    differ by >= min_contrast (out of 255) so the shape survives RandomGrayscale."""
+    bg = rng.uniform(0, 255, 3)
+    for _ in range(20):
+        fg = rng.uniform(0, 255, 3)
+        if abs(_luma(fg) - _luma(bg)) >= min_contrast:
+            return bg, fg
+    return bg, np.full(3, 0.0 if _luma(bg) > 127.5 else 255.0)
+
+
+def synthetic_image(label, size, rng):
+    """An RGB PIL image (size x size) of class `label`, every nuisance drawn from `rng`
+    (a numpy Generator)."""
+    name = SYNTHETIC_CLASSES[label]
+    if name in SYNTHETIC_TEXTURES:
+        m = _texture_mask(name, size, rng)  # (S, S)
+    else:  # shapes: drawn at 2x, box-downsampled for anti-aliased edges
+        m = _shape_mask(name, 2 * size, rng)  # (2S, 2S)
+        m = 0.25 * (m[0::2, 0::2] + m[1::2, 0::2] + m[0::2, 1::2] + m[1::2, 1::2])  # (S, S)
+    bg, fg = (c.astype(np.float32)[:, None, None] for c in _two_colours(rng))  # (3, 1, 1)
+    # nuisances the model should learn to ignore: a lighting gradient and pixel noise
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = np.linspace(-1, 1, size, dtype=np.float32) * np.float32(rng.uniform(0, 30))
+    light = math.cos(angle) * ramp[None, :] + math.sin(angle) * ramp[:, None]  # (S, S)
+    img = rng.random((3, size, size), dtype=np.float32) - 0.5  # channels first: cheaper broadcasts
+    img *= 2 * rng.uniform(0, 10)
+    img += bg + (fg - bg) * m + light  # (3, S, S)
+    np.clip(img, 0, 255, out=img)
+    return Image.fromarray(img.transpose(1, 2, 0).astype(np.uint8), "RGB")
+
+
+class SyntheticShapes(Dataset):
+    """10 balanced classes (label = index % 10): 7 shapes (circle, square, triangle,
+    cross, ring, star, crescent) and 3 full-image textures (stripes, checker, dots).
+    Colours, position, size, rotation, lighting and noise are random and carry no
+    class information, so an encoder must learn shape to separate the classes.
+    Image i is a pure function of (seed, split, i): drawn on the fly, identical in
+    every process and epoch, no files."""
+
+    SPLITS = {"train": (0, 5000), "val": (1, 1000)}  # split -> (RNG stream, default size)
+
+    def __init__(self, split="train", num_images=None, image_size=64, seed=0, transform=None):
+        if split not in self.SPLITS:
+            raise DataError(f"synthetic data has splits 'train' and 'val', got {split!r}: "
+                            f"use split='train' or split='val'")
+        if not isinstance(image_size, int) or image_size < 8:
+            raise DataError(f"synthetic image_size must be an integer >= 8, got {image_size!r}")
+        if num_images is not None and (not isinstance(num_images, int) or num_images < 1):
+            raise DataError(f"synthetic num_images must be a positive integer, got {num_images!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise DataError(f"synthetic seed must be an integer >= 0, got {seed!r}")
+        self.split, self.image_size, self.seed, self.transform = split, image_size, seed, transform
+        self._stream, default_size = self.SPLITS[split]
+        n = default_size if num_images is None else num_images
+        self.classes = list(SYNTHETIC_CLASSES)
+        self.targets = [i % len(self.classes) for i in range(n)]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        label = self.targets[i]
+        rng = np.random.default_rng([self.seed, self._stream, i])  # local: no global state
+        img = synthetic_image(label, self.image_size, rng)
+        return (self.transform(img) if self.transform else img), label
+
+
+# -----------------------------------------------------------------------------
+# Image folders
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+_LAYOUT = "expected DIR/<class>/<image>.jpg, one sub-folder per class"
+
+
+class ImageFolderDataset(Dataset):
+    """root/<class>/**/<image>, sorted class names -> 0..C-1, sorted files.
+    An unreadable image either stops with a DataError (on_bad_image="stop") or is
+    skipped (on_bad_image="skip"): a one-line warning, and the next readable sample is
+    returned instead, so batch shapes never change. `num_skipped` counts the distinct
+    unreadable files met so far, in this process and in DataLoader workers."""
+
+    def __init__(self, root, transform=None, on_bad_image="skip"):
+        if on_bad_image not in ("skip", "stop"):
+            raise DataError(f"on_bad_image must be 'skip' or 'stop', got {on_bad_image!r}: "
+                            f"pass --on_bad_image skip or --on_bad_image stop")
+        root = os.fspath(root)
+        if not os.path.exists(root):
+            raise DataError(f"data folder '{root}' does not exist: pass --data DIR with one "
+                            f"sub-folder per class, or --data synthetic")
+        if not os.path.isdir(root):
+            raise DataError(f"data path '{root}' is not a folder: pass --data DIR with one "
+                            f"sub-folder per class ({_LAYOUT}), or --data synthetic")
+        # hidden folders (.git, .ipynb_checkpoints) are never classes
+        classes = sorted(e.name for e in os.scandir(root)
+                         if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            n_loose = sum(1 for e in os.scandir(root) if _is_image(e.name))
+            hint = f" (it holds {n_loose} images directly: move them into class sub-folders)" \
+                if n_loose else ""
+            raise DataError(f"data folder '{root}' has no class sub-folders{hint}: {_LAYOUT}")
+        samples = [(path, target) for target, c in enumerate(classes)
+                   for path in _image_files(os.path.join(root, c))]
+        if not samples:
+            raise DataError(f"data folder '{root}' has {len(classes)} class sub-folders but no "
+                            f"image files ({' '.join(IMAGE_EXTENSIONS)}): {_LAYOUT}")
+        self.root, self.transform, self.on_bad_image = root, transform, on_bad_image
+        self.classes, self.samples = classes, samples
+        self.targets = [t for _, t in samples]
+        # one shared byte per file, set to 1 when it fails to decode. Shared memory so
+        # the main process sees what DataLoader workers found; flags rather than a
+        # locked counter because a Value's lock created under fork cannot be sent to
+        # spawn-context workers, and setting a flag is race-free and idempotent.
+        self._bad = mp.RawArray("b", len(samples))
+
+    @property
+    def num_skipped(self):
+        return int(np.frombuffer(self._bad, dtype=np.int8).sum())
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        n = len(self.samples)
+        for k in range(n):
+            j = (i + k) % n  # on a bad file, walk on to the next one
+            if self._bad[j]:
+                continue  # already known bad (maybe found by another worker)
+            path, target = self.samples[j]
+            try:
+                with Image.open(path) as im:
+                    img = im.convert("RGB")  # forces the full decode: truncation raises here
+            except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... on bad data
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if self.on_bad_image == "stop":
+                    raise DataError(
+                        f"cannot read image '{path}' ({reason}): fix or delete it, or pass "
+                        f"--on_bad_image skip to skip unreadable images") from None
+                self._bad[j] = 1
+                print(f"warning: skipping unreadable image '{path}' ({reason})",
+                      file=sys.stderr, flush=True)
+                continue
+            return (self.transform(img) if self.transform else img), target
+        raise DataError(f"no readable image in '{self.root}' (all {n} files failed to "
+                        f"decode): check the files, or pass another --data DIR")
+
+
+def _is_image(name):  # hidden files include macOS '._x.jpg' metadata, not images
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _image_files(folder):
+    """All image files under folder, recursively, in a deterministic order."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # walk in order
+        out += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+    return out
+
+
+def build_dataset(data, transform=None, split="train", on_bad_image="skip"):
+    """--data synthetic -> SyntheticShapes (synthetic:N for N images per split, for quick
+    runs); --data DIR -> DIR/<split> if it exists (train/, val/, or test/ standing in
+    for a missing val/), else DIR itself."""
+    if data == "synthetic" or str(data).startswith("synthetic:"):
+        n = str(data).partition(":")[2]
+        if n and not n.isdigit():
+            raise DataError(f"--data {data}: write synthetic or synthetic:N with N a number of images")
+        return SyntheticShapes(split, num_images=int(n) if n else None, transform=transform)
+    data = os.fspath(data)
+    root = data
+    candidates = [split] + (["test"] if split == "val" else [])
+    found = [os.path.join(data, s) for s in candidates if os.path.isdir(os.path.join(data, s))]
+    if found:
+        root = found[0]
+    elif os.path.isdir(data) and any(os.path.isdir(os.path.join(data, s))
+                                     for s in ("train", "val", "test")):
+        # a split tree without the asked-for split: reading DIR itself would make
+        # 'train' a class, silently
+        raise DataError(f"data folder '{data}' has no '{'/ or '.join(candidates)}/' "
+                        f"sub-folder: add DIR/{split}/<class>/<image>.jpg, or pass the "
+                        f"class-folder root itself as --data")
+    return ImageFolderDataset(root, transform=transform, on_bad_image=on_bad_image)
+
+
+# -----------------------------------------------------------------------------
+# Block masking (BEiT / iBOT / DINOv2)
+
+def _uniform(rng, a, b):  # like random.uniform: b < a is allowed
+    return a + (b - a) * float(rng.random())  # random.Random and numpy Generator both have random()
+
+
+def _randint(rng, a, b):  # inclusive of b, like random.randint
+    return rng.randint(a, b) if isinstance(rng, random.Random) else int(rng.integers(a, b + 1))
+
+
+class BlockMaskGenerator:
+    """Masks of a (H, W) patch grid made of rectangles: each rectangle has a target area
+    ~ U[min_num_patches, min(max_num_patches, remaining)] and an aspect ratio
+    log-uniform in [min_aspect, max_aspect]; rectangles may overlap. Masks exactly the
+    requested count when it can, never more."""
+
+    def __init__(self, grid_size, min_num_patches=4, max_num_patches=None,
+                 min_aspect=0.3, max_aspect=None):
+        self.height, self.width = (grid_size, grid_size) if isinstance(grid_size, int) \
+            else (int(grid_size[0]), int(grid_size[1]))
+        self.num_patches = self.height * self.width
+        self.min_num_patches = min_num_patches
+        self.max_num_patches = max_num_patches or 0.5 * self.num_patches
+        max_aspect = max_aspect or 1 / min_aspect
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+
+    def __repr__(self):
+        return (f"BlockMaskGenerator({self.height}x{self.width}, patches per block "
+                f"{self.min_num_patches}..{self.max_num_patches}, aspect "
+                f"{math.exp(self.log_aspect[0]):.2f}..{math.exp(self.log_aspect[1]):.2f})")
+
+    def _add_block(self, mask, max_new, min_block, rng):
+        """Try (10 times) to place one rectangle adding 1..max_new new patches."""
+        for _ in range(10):
+            area = _uniform(rng, self.min_num_patches, max_new)
+            aspect = math.exp(_uniform(rng, *self.log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            # blocks smaller than min_block would leave specks that are trivial to inpaint
+            if h * w < min_block or h > self.height or w > self.width:
+                continue
+            top = _randint(rng, 0, self.height - h)
+            left = _randint(rng, 0, self.width - w)
+            block = mask[top:top + h, left:left + w]  # a view
+            new = h * w - int(block.sum())
+            if 0 < new <= max_new:
+                block[...] = True
+                return new
+        return 0
+
+    def __call__(self, num_masking_patches, generator):
+        mask = np.zeros((self.height, self.width), dtype=bool)
+        # each block has >= min_num_patches, unless the whole request is smaller (tiny grids)
+        min_block = max(1, min(self.min_num_patches, num_masking_patches))
+        count = 0
+        while count < num_masking_patches:
+            max_new = min(num_masking_patches - count, self.max_num_patches)
+            added = self._add_block(mask, max_new, min_block, generator)
+            if added == 0:
+                break  # no room for another block: stop a little short
+            count += added
+        return torch.from_numpy(mask)  # (H, W) bool
+
+
+def collate_multicrop(samples, mask_generator=None, mask_ratio=(0.1, 0.5),
+                      mask_probability=0.5, generator=None):
+    """samples: B pairs (list of V view tensors, label) -> dict with
+    "views": V tensors (B, 3, S_v, S_v), "labels": (B,) long, and with a mask_generator
+    "masks": (2B, N) bool for torch.cat(views[:2]) (DINOv2's rule: int(2B * mask_probability)
+    crops get block masks whose ratios are spread evenly over mask_ratio across the
+    batch, the rest none, in a random order).
+    Leave generator None inside DataLoader workers: a fixed generator in a
+    functools.partial is copied into every worker, which would then draw the same masks;
+    None draws a seed from torch's RNG, which the DataLoader seeds per worker."""
+    views_per_sample = [s[0] for s in samples]
+    n_views = len(views_per_sample[0])
+    # V x (B, 3, S_v, S_v): view k of every sample together, as the step loop wants them
+    views = [torch.stack([v[k] for v in views_per_sample]) for k in range(n_views)]
+    labels = torch.tensor([int(s[1]) for s in samples], dtype=torch.long)  # (B,)
+    out = {"views": views, "labels": labels}
+    if mask_generator is None:
+        return out
+    if n_views < 2:
+        raise ValueError("masking needs the 2 global crops first in every sample")
+    rng = generator if generator is not None else random.Random(int(torch.randint(2**62, (1,))))
+    n_crops = 2 * len(samples)
+    N = mask_generator.num_patches
+    n_masked = int(n_crops * mask_probability)
+    probs = np.linspace(mask_ratio[0], mask_ratio[1], n_masked + 1)
+    masks = [mask_generator(int(N * _uniform(rng, probs[j], probs[j + 1])), rng).flatten()
+             for j in range(n_masked)]
+    masks += [torch.zeros(N, dtype=torch.bool)] * (n_crops - n_masked)
+    order = list(range(n_crops))
+    if isinstance(rng, random.Random):
+        rng.shuffle(order)
+    else:
+        order = rng.permutation(n_crops).tolist()
+    out["masks"] = torch.stack([masks[k] for k in order])  # (2B, N)
+    return out

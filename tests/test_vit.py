@@ -1,0 +1,219 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vit
+
+
+def tiny(**kw):
+    kw.setdefault("patch_size", 8)
+    kw.setdefault("img_size", 32)
+    return vit.vit_tiny(**kw).eval()
+
+
+def test_sizes():
+    with torch.device("meta"):
+        for name, (dim, depth, heads) in {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),
+                                          "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}.items():
+            m = getattr(vit, name)(patch_size=14)
+            assert (m.embed_dim, len(m.blocks), m.blocks[0].attn.num_heads) == (dim, depth, heads)
+            assert m.blocks[0].mlp.fc1.out_features == 4 * dim
+            assert m.blocks[0].attn.qkv.bias is not None
+            assert m.patch_embed.proj.kernel_size == (14, 14)
+
+
+def test_sdpa_equals_explicit_attention():
+    torch.manual_seed(0)
+    attn = vit.Attention(48, num_heads=4)
+    x = torch.randn(3, 10, 48)
+    B, N, C = x.shape
+    q, k, v = attn.qkv(x).reshape(B, N, 3, 4, C // 4).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // 4), dim=-1)
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(B, N, C))
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_outputs_and_registers():
+    m = tiny(num_register_tokens=4)
+    x = torch.randn(2, 3, 32, 32)
+    out = m.forward_features(x)
+    assert out["cls"].shape == (2, 192) and out["registers"].shape == (2, 4, 192) and out["patches"].shape == (2, 16, 192)
+    torch.testing.assert_close(m(x), out["cls"])
+    # final norm applied: each token has ~zero mean and unit variance before the affine (identity at init)
+    tok = out["patches"][0, 0]
+    assert abs(tok.mean().item()) < 1e-4 and abs(tok.var(unbiased=False).item() - 1) < 1e-2
+    last = m.get_intermediate_layers(x, n=2)
+    assert len(last) == 2 and last[0].shape == (2, 1 + 4 + 16, 192)
+    torch.testing.assert_close(last[-1][:, 0], out["cls"])
+
+
+def test_registers_carry_no_position_and_sit_after_cls():
+    m = tiny(num_register_tokens=2)
+    x = torch.randn(1, 3, 32, 32)
+    tokens = m.prepare_tokens(x)                                        # (1, 1 + 2 + 16, D)
+    torch.testing.assert_close(tokens[0, 1:3], m.register_tokens[0])
+    torch.testing.assert_close(tokens[0, 0], m.cls_token[0, 0] + m.pos_embed[0, 0])
+
+
+def test_pos_embed_interpolation():
+    m = tiny()                                                          # stored grid 4x4
+    assert m.interpolate_pos_encoding(4, 4) is m.pos_embed
+    with torch.no_grad():                                               # a constant field stays constant
+        m.pos_embed.copy_(torch.full_like(m.pos_embed, 0.5))
+        m.pos_embed[:, 0] = -1.0
+    pe = m.interpolate_pos_encoding(2, 6)
+    assert pe.shape == (1, 1 + 12, 192)
+    torch.testing.assert_close(pe[0, 0], torch.full((192,), -1.0))
+    torch.testing.assert_close(pe[0, 1:], torch.full((12, 192), 0.5))
+    # one model runs 32 px and 16 px crops; 12 px is refused with a clear message
+    assert m(torch.randn(2, 3, 16, 16)).shape == (2, 192)
+    with pytest.raises(ValueError, match="not divisible by the patch size 8"):
+        m(torch.randn(1, 3, 12, 16))
+
+
+def test_pos_embed_antialias_changes_downsampling_only():
+    torch.manual_seed(0)
+    a, b = tiny(img_size=64), tiny(img_size=64, pos_embed_antialias=True)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a.interpolate_pos_encoding(8, 8), b.interpolate_pos_encoding(8, 8))
+    assert not torch.allclose(a.interpolate_pos_encoding(3, 3), b.interpolate_pos_encoding(3, 3))
+    # bicubic upsampling by F.interpolate is what the reference implementation does
+    grid = a.pos_embed[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 144, -1)
+    torch.testing.assert_close(a.interpolate_pos_encoding(12, 12)[:, 1:], ref)
+
+
+def test_mask_token_replaces_masked_patches():
+    torch.manual_seed(0)
+    m = tiny()
+    with torch.no_grad():
+        m.mask_token.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[0, [1, 5]] = True
+    t, t0 = m.prepare_tokens(x, masks), m.prepare_tokens(x)
+    pos = m.pos_embed[0, 1:]
+    torch.testing.assert_close(t[0, 1 + 1], m.mask_token[0] + pos[1])
+    torch.testing.assert_close(t[0, 1 + 5], m.mask_token[0] + pos[5])
+    torch.testing.assert_close(t[1], t0[1])                             # unmasked image untouched
+    torch.testing.assert_close(t[0, 1 + 2], t0[0, 1 + 2])
+    assert not torch.allclose(m(x, masks)[0], m(x)[0])
+
+
+def test_drop_path_and_layerscale():
+    m = tiny(drop_path_rate=0.5, layerscale=0.1)
+    assert [b.drop_path for b in m.blocks][::11] == [0.0, 0.5]          # linear over depth
+    torch.testing.assert_close(m.blocks[3].ls1.gamma, torch.full((192,), 0.1))
+    x = torch.randn(8, 3, 32, 32)
+    torch.testing.assert_close(m(x), m(x))                              # eval: deterministic
+    m.train()
+    torch.manual_seed(1)
+    y1 = m(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(y1, m(x))
+
+
+# ----------------------------------------------------------------------------- released checkpoint layouts
+
+def released_vit_state_dict(dim, depth, patch, grid, registers=0, layerscale=False, mask_token=False):
+    """A state dict with the key names and shapes of the DINO / DINOv2 ViT releases, random values."""
+    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, 1 + grid * grid, dim),
+              "patch_embed.proj.weight": (dim, 3, patch, patch), "patch_embed.proj.bias": (dim,),
+              "norm.weight": (dim,), "norm.bias": (dim,)}
+    if registers:
+        shapes["register_tokens"] = (1, registers, dim)
+    if mask_token:
+        shapes["mask_token"] = (1, dim)
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,),
+                       b + "attn.qkv.weight": (3 * dim, dim), b + "attn.qkv.bias": (3 * dim,),
+                       b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
+                       b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
+                       b + "mlp.fc1.weight": (4 * dim, dim), b + "mlp.fc1.bias": (4 * dim,),
+                       b + "mlp.fc2.weight": (dim, 4 * dim), b + "mlp.fc2.bias": (dim,)})
+        if layerscale:
+            shapes.update({b + "ls1.gamma": (dim,), b + "ls2.gamma": (dim,)})
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+
+
+def assert_loaded(model, sd):
+    own = model.state_dict()
+    for k in ("cls_token", "blocks.11.attn.qkv.weight", "blocks.0.mlp.fc2.bias", "norm.weight", "patch_embed.proj.weight"):
+        torch.testing.assert_close(own[k], sd[k])
+
+
+def test_load_dino_backbone_and_full_checkpoint():
+    sd = released_vit_state_dict(192, 12, 16, 14)                      # dino_deit{tiny}16_pretrain.pth layout
+    m = vit.load_checkpoint(vit.vit_tiny(patch_size=16), sd)
+    assert_loaded(m, sd)
+    full = {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, "head.mlp.0.weight": torch.zeros(2048, 192),
+                        "head.last_layer.weight_g": torch.ones(65536, 1)},
+            "student": {f"module.backbone.{k}": -v for k, v in sd.items()},
+            "epoch": 100, "dino_loss": {"center": torch.zeros(1, 65536)}}
+    assert_loaded(vit.load_checkpoint(vit.vit_tiny(patch_size=16), full), sd)
+    student = vit.load_checkpoint(vit.vit_tiny(patch_size=16), full, which="student")
+    torch.testing.assert_close(student.cls_token, -sd["cls_token"])
+    inferred = vit.vit_from_checkpoint(full)
+    assert (inferred.embed_dim, inferred.patch_size, inferred.num_register_tokens) == (192, 16, 0)
+    assert_loaded(inferred, sd)
+
+
+def test_load_dinov2_hub_with_registers_and_other_resolution():
+    sd = released_vit_state_dict(384, 12, 14, 37, registers=4, layerscale=True, mask_token=True)  # vits14_reg4, 518 px
+    m = vit.vit_from_checkpoint(sd)
+    assert (m.embed_dim, m.patch_size, m.num_register_tokens) == (384, 14, 4)
+    assert_loaded(m, sd)
+    torch.testing.assert_close(m.blocks[5].ls2.gamma, sd["blocks.5.ls2.gamma"])
+    torch.testing.assert_close(m.mask_token, sd["mask_token"])
+    # into a 224 px model: the 37x37 position grid is resized to 16x16
+    m224 = vit.load_checkpoint(vit.vit_small(patch_size=14, num_register_tokens=4, layerscale=1e-5), sd)
+    assert m224.pos_embed.shape == (1, 257, 384)
+    torch.testing.assert_close(m224.pos_embed[:, 0], sd["pos_embed"][:, 0])
+    x = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(m224.eval()(x), m.eval()(x), rtol=1e-4, atol=1e-4)  # same features at 224 px
+
+
+def test_load_dinov2_training_checkpoint_with_block_chunks():
+    sd = released_vit_state_dict(384, 12, 16, 14, registers=4, layerscale=True, mask_token=True)
+    chunked = {}
+    for k, v in sd.items():   # DINOv2 FSDP chunks: blocks.<chunk>.<i>. with 4 chunks of 3 blocks
+        if k.startswith("blocks."):
+            i = int(k.split(".")[1])
+            k = f"blocks.{i // 3}.{i}." + k.split(".", 2)[2]
+        chunked[f"backbone.{k}"] = v
+    ckpt = {"teacher": {**chunked, "dino_head.mlp.0.weight": torch.zeros(2048, 384),
+                        "ibot_head.mlp.0.weight": torch.zeros(2048, 384)}, "iteration": 5}
+    m = vit.vit_from_checkpoint(ckpt)
+    assert len(m.blocks) == 12 and m.num_register_tokens == 4
+    assert_loaded(m, sd)
+
+
+def test_load_own_checkpoint_file(tmp_path):
+    torch.manual_seed(0)
+    src = tiny(num_register_tokens=2)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in src.state_dict().items()}, "args": {"arch": "vit_tiny"}}, path)
+    m = vit.vit_from_checkpoint(str(path))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(m.eval()(x), src(x))
+
+
+def test_wrong_architecture_and_bad_files(tmp_path):
+    sd = released_vit_state_dict(384, 12, 16, 14)
+    with pytest.raises(vit.CheckpointError, match=r"shape .*cls_token \(1, 1, 384\) vs \(1, 1, 768\)"):
+        vit.load_checkpoint(vit.vit_base(patch_size=16), sd)
+    with pytest.raises(vit.CheckpointError, match=r"missing \['register_tokens'\]"):
+        vit.load_checkpoint(vit.vit_small(patch_size=16, num_register_tokens=4), sd)
+    with pytest.raises(vit.CheckpointError, match="ls1.gamma"):
+        vit.load_checkpoint(vit.vit_small(patch_size=16, layerscale=0.1), sd)
+    with pytest.raises(vit.CheckpointError, match="does not exist"):
+        vit.vit_from_checkpoint(str(tmp_path / "nope.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(vit.CheckpointError, match="could not be read"):
+        vit.vit_from_checkpoint(str(tmp_path / "junk.pth"))
+    with pytest.raises(vit.CheckpointError, match="holds no ViT backbone"):
+        vit.vit_from_checkpoint({"teacher": {"head.mlp.0.weight": torch.zeros(2, 2)}})

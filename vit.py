@@ -1,0 +1,321 @@
+"""The Vision Transformer that simdino.py, simdinov2.py, dino.py and dinov2.py share.
+
+A plain pre-norm ViT (Dosovitskiy et al. 2021) as the DINO and DINOv2 authors use it,
+with the options the four recipes need: register tokens (Darcet et al. 2024),
+layerscale, stochastic depth, a learned mask token for masked image modelling, and
+position embeddings interpolated to any crop size so 224 px global and 96 px local
+crops go through one model. Attention runs through `F.scaled_dot_product_attention`,
+which picks a fused (flash / memory-efficient) kernel on GPU.
+
+Parameter names follow the DINO and DINOv2 releases (`cls_token`, `pos_embed`,
+`patch_embed.proj`, `blocks.i.attn.qkv`, `blocks.i.ls1.gamma`, `register_tokens`,
+`mask_token`, `norm`), so the authors' checkpoints load without renaming:
+
+    model = vit_from_checkpoint("dinov2_vits14_reg4_pretrain.pth")   # architecture read off the weights
+    model = vit_small(patch_size=16); load_checkpoint(model, "out/checkpoint.pth")
+    cls = model(images)                                # (B, D) final-norm CLS feature
+    out = model.forward_features(images)               # dict: cls (B, D), registers (B, R, D), patches (B, N, D)
+"""
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded into the model asked for (one-line message)."""
+
+
+# ----------------------------------------------------------------------------- modules
+
+def drop_path(x, p: float, training: bool):
+    """Stochastic depth: drop the residual branch for a random subset of samples."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)    # each (B, heads, N, C/heads)
+        x = F.scaled_dot_product_attention(q, k, v)       # softmax(q k^T / sqrt(C/heads)) v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_value):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, layerscale=None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
+        x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
+        return x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_chans, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):                                  # (B, 3, H, W)
+        return self.proj(x).flatten(2).transpose(1, 2)     # (B, H/p * W/p, D)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12, num_heads=6,
+                 mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, layerscale=None,
+                 num_register_tokens=0, pos_embed_antialias=False):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.num_register_tokens = num_register_tokens
+        self.pos_embed_antialias = pos_embed_antialias
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))  # CLS + patches, no registers
+        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]   # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], layerscale)
+                                    for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.init_weights()
+
+    def init_weights(self):
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, h, w):
+        """Position embeddings for an h x w patch grid, (1, 1 + h*w, D): bicubic resize of the stored grid."""
+        n = self.pos_embed.shape[1] - 1
+        g = math.isqrt(n)
+        if h == g and w == g:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)               # (1, D, g, g)
+        patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic", align_corners=False,
+                                  antialias=self.pos_embed_antialias)                 # (1, D, h, w)
+        patch_pos = patch_pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def prepare_tokens(self, x, masks=None):
+        """(B, 3, H, W) images -> (B, 1 + R + N, D) tokens; masks (B, N) bool swaps patches for the mask token."""
+        B, _, H, W = x.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}: "
+                             f"use crop sizes that are multiples of {p}")
+        x = self.patch_embed(x)                                                       # (B, N, D)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)                   # (B, 1 + N, D)
+        x = x + self.interpolate_pos_encoding(H // p, W // p)
+        if self.register_tokens is not None:                                          # registers carry no position
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+        return x
+
+    def forward_features(self, x, masks=None):
+        x = self.prepare_tokens(x, masks)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)                                                              # (B, 1 + R + N, D)
+        r = 1 + self.num_register_tokens
+        return {"cls": x[:, 0], "registers": x[:, 1:r], "patches": x[:, r:]}
+
+    def get_intermediate_layers(self, x, n=1):
+        """Final-norm outputs (B, 1 + R + N, D) of the last n blocks, as linear probes use them."""
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x))
+        return outputs
+
+    def forward(self, x, masks=None):
+        return self.forward_features(x, masks)["cls"]                                 # (B, D)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+ARCHS = {  # name: (embed_dim, depth, num_heads), the DeiT / ViT sizes used by DINO and DINOv2
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+
+
+def build_vit(arch, **kwargs):
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture '{arch}': choose one of {', '.join(ARCHS)}")
+    dim, depth, heads = ARCHS[arch]
+    return VisionTransformer(embed_dim=dim, depth=depth, num_heads=heads, **kwargs)
+
+
+def vit_tiny(**kwargs):
+    return build_vit("vit_tiny", **kwargs)
+
+
+def vit_small(**kwargs):
+    return build_vit("vit_small", **kwargs)
+
+
+def vit_base(**kwargs):
+    return build_vit("vit_base", **kwargs)
+
+
+def vit_large(**kwargs):
+    return build_vit("vit_large", **kwargs)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def backbone_state_dict(checkpoint, which="teacher"):
+    """The ViT weights, in this file's names, out of any checkpoint layout we support.
+
+    Accepts a bare backbone state dict (DINO / DINOv2 hub files), a training checkpoint
+    holding `teacher` / `student` (DINO, DINOv2, SimDINO, SimDINOv2 and this project's
+    scripts) or `model` / `state_dict`, with `module.` (DDP), `_orig_mod.` (torch.compile)
+    and `backbone.` prefixes, and DINOv2's FSDP block chunks (`blocks.<chunk>.<i>.`).
+    """
+    sd = checkpoint
+    if which in sd and isinstance(sd[which], dict):
+        sd = sd[which]
+    else:
+        for key in ("model", "state_dict", "teacher", "student"):
+            if key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+                break
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        k = k.replace("module.", "").replace("_orig_mod.", "")
+        out[k] = v
+    if any(k.startswith("backbone.") for k in out):  # heads (head., dino_head., ibot_head.) are not the ViT
+        out = {k[len("backbone."):]: v for k, v in out.items() if k.startswith("backbone.")}
+    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in out.items()}
+
+
+def describe(model):
+    return (f"ViT width {model.embed_dim}, depth {len(model.blocks)}, patch {model.patch_size}, "
+            f"{model.num_register_tokens} registers, layerscale {'on' if isinstance(model.blocks[0].ls1, LayerScale) else 'off'}")
+
+
+def load_state_dict(model, sd):
+    """Load backbone weights, interpolating `pos_embed` if only the stored grid differs.
+
+    A missing `mask_token` is allowed (DINO checkpoints have none; it only matters for
+    masked training). Anything else that does not match raises a one-line CheckpointError.
+    """
+    own = model.state_dict()
+    sd = dict(sd)
+    pe = sd.get("pos_embed")
+    if pe is not None and pe.shape != own["pos_embed"].shape and pe.shape[-1] == own["pos_embed"].shape[-1]:
+        g, g_new = math.isqrt(pe.shape[1] - 1), math.isqrt(own["pos_embed"].shape[1] - 1)
+        if g * g == pe.shape[1] - 1:  # the checkpoint was trained at another resolution: resize its grid
+            grid = pe[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+            grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
+            sd["pos_embed"] = torch.cat([pe[:, :1].float(), grid.permute(0, 2, 3, 1).reshape(1, g_new * g_new, -1)], 1)
+    missing = [k for k in own if k not in sd and k != "mask_token"]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{name} {lst[:3]}{' ...' if len(lst) > 3 else ''}"
+                 for name, lst in (("missing", missing), ("unexpected", unexpected), ("shape (checkpoint vs model)", wrong)) if lst]
+        raise CheckpointError(f"checkpoint does not fit the model ({describe(model)}): {'; '.join(parts)}; "
+                              f"build the model with the checkpoint's architecture (or use vit_from_checkpoint)")
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
+def read_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint '{path}' does not exist: pass the path of a .pth file") from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(e).__name__}): is it a PyTorch .pth file?") from None
+
+
+def load_checkpoint(model, checkpoint, which="teacher"):
+    """Load a checkpoint (path or loaded dict, any supported layout) into `model`."""
+    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    return load_state_dict(model, backbone_state_dict(ckpt, which))
+
+
+def vit_from_checkpoint(checkpoint, which="teacher", **kwargs):
+    """Build the ViT a checkpoint holds, its architecture read off the weights, and load it.
+
+    kwargs (e.g. `pos_embed_antialias=True`) are passed to the model.
+    """
+    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    sd = backbone_state_dict(ckpt, which)
+    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight")
+    if any(k not in sd for k in needed):
+        raise CheckpointError(f"checkpoint holds no ViT backbone (no {', '.join(k for k in needed if k not in sd)}): "
+                              f"pass a DINO / DINOv2 / SimDINO / SimDINOv2 or this project's checkpoint")
+    dim = sd["cls_token"].shape[-1]
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    arch = next((a for a, (d, L, _) in ARCHS.items() if d == dim and L == depth), None)
+    if arch is None:
+        raise CheckpointError(f"checkpoint has width {dim} and depth {depth}, which is none of {', '.join(ARCHS)}")
+    ls = sd.get("blocks.0.ls1.gamma")
+    model = build_vit(arch, img_size=grid * patch, patch_size=patch,
+                      num_register_tokens=sd["register_tokens"].shape[1] if "register_tokens" in sd else 0,
+                      layerscale=1.0 if ls is not None else None, **kwargs)
+    return load_state_dict(model, sd)
