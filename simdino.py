@@ -292,7 +292,7 @@ def fail(msg):
     sys.exit(f"error: {msg}")
 
 
-def check_args(args, world_size):
+def check_args(args):
     for name in ("global_crops_size", "local_crops_size"):
         if getattr(args, name) % args.patch_size:
             fail(f"--{name} {getattr(args, name)} is not divisible by --patch_size {args.patch_size}: "
@@ -311,7 +311,7 @@ def check_args(args, world_size):
 
 def train(args):
     rank, world_size, device = init_distributed()
-    check_args(args, world_size)
+    check_args(args)
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     if args.resume is None and os.path.exists(ckpt_path):
@@ -376,7 +376,7 @@ def train(args):
             optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[it])
 
             xg = torch.stack(views[:2]).to(device, non_blocking=True)       # (M_glo, B, 3, G, G) global views
-            xl = torch.stack(views[2:]).to(device, non_blocking=True) if len(views) > 2 else xg[:0]  # (M_loc, B, 3, L, L) local views
+            xl = torch.stack(views[2:]).to(device, non_blocking=True) if len(views) > 2 else xg[:0]  # (M_loc, B, 3, L, L)
             with autocast:
                 zsg, zsl = model(xg, xl)                                    # (M_glo, B, d), (M_loc, B, d) student
                 with torch.no_grad():
