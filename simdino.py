@@ -20,7 +20,6 @@ pseudocode, a flag selects the paper's variant (see --help and the README).
 """
 import argparse
 import copy
-import datetime
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 import vit
-from data import DataError, MultiCropAugmentation, build_dataset
+from data import DataError, MultiCropAugmentation, build_dataset, collate_multicrop
 
 
 def get_args(argv=None):
@@ -220,18 +219,18 @@ def simdino_loss(zsg, zsl, ztg, eps, gamma, cov_group_size, same_view_pairs="ski
 # ----------------------------------------------------------------------------- recipe
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
-    """Per-iteration values: linear warm-up from warmup_start to base, then cosine from base to final."""
+    """Per-iteration values (floats): linear warm-up from warmup_start to base, then cosine from base to final."""
     warmup = np.linspace(warmup_start, base, warmup_epochs * iters_per_epoch)
     t = np.arange(epochs * iters_per_epoch - len(warmup))
     cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(len(t), 1)))
-    return np.concatenate([warmup, cosine])
+    return np.concatenate([warmup, cosine]).tolist()
 
 
 def param_groups(model):
-    """AdamW groups: biases and norm weights (1-D tensors) get no weight decay."""
+    """AdamW groups with lr and weight-decay multipliers: biases and norm weights (1-D) get no decay."""
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias"))]
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "lr_mult": 1.0, "wd_mult": 1.0}, {"params": no_decay, "lr_mult": 1.0, "wd_mult": 0.0}]
 
 
 @torch.no_grad()
@@ -327,7 +326,8 @@ def train(args):
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                   seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
-                                         num_workers=args.num_workers, pin_memory=use_cuda, drop_last=True)
+                                         num_workers=args.num_workers, pin_memory=use_cuda, drop_last=True,
+                                         collate_fn=collate_multicrop)
     iters_per_epoch = len(loader)
     global_batch = args.batch_size_per_gpu * world_size
     if iters_per_epoch == 0:
@@ -369,12 +369,12 @@ def train(args):
         bad = torch.zeros((), device=device)                    # non-finite losses so far, checked without a sync per step
         t0, done = time.time(), 0
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True)
-        for i, (views, _) in enumerate(bar):
+        for i, batch in enumerate(bar):
             it = epoch * iters_per_epoch + i
             for g in optimizer.param_groups:
-                g["lr"] = float(lr_schedule[it])
-            optimizer.param_groups[0]["weight_decay"] = float(wd_schedule[it])
+                g["lr"], g["weight_decay"] = lr_schedule[it] * g["lr_mult"], wd_schedule[it] * g["wd_mult"]
 
+            views = batch["views"]
             xg = torch.stack(views[:2]).to(device, non_blocking=True)       # (M_glo, B, 3, G, G) global views
             xl = torch.stack(views[2:]).to(device, non_blocking=True) if len(views) > 2 else xg[:0]  # (M_loc, B, 3, L, L)
             with autocast:
@@ -389,8 +389,8 @@ def train(args):
                 clip_gradients(student, args.clip_grad)
             optimizer.step()
             with torch.no_grad():                                           # teacher <- EMA of the student
-                m = momentum_schedule[it]
-                torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - m)
+                momentum = momentum_schedule[it]
+                torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - momentum)
             bad += ~torch.isfinite(loss)
             done += 1
 
@@ -405,7 +405,7 @@ def train(args):
                          f"is {ckpt_path}; resume it with --resume and a lower --lr or a larger --eps")
                 ips = done * global_batch / (time.time() - t0)
                 record = {"iteration": it, "epoch": epoch, "loss": loss_v, "distance": dist_v, "R_eps": R_v,
-                          "lr": lr_schedule[it], "wd": wd_schedule[it], "momentum": m, "images_per_s": ips,
+                          "lr": lr_schedule[it], "wd": wd_schedule[it], "momentum": momentum, "images_per_s": ips,
                           "skipped_images": getattr(dataset, "num_skipped", 0)}
                 if rank == 0:
                     bar.set_postfix(loss=f"{loss_v:.4f}", dist=f"{dist_v:.4f}", R=f"{R_v:.2f}",

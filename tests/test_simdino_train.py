@@ -36,7 +36,7 @@ def test_log_and_schedules(run_a):
     assert [r["iteration"] for r in log] == list(range(8))           # 64 images / 16 = 4 it/epoch, 2 epochs
     assert all(np.isfinite(r["loss"]) for r in log)
     lr = simdino.cosine_schedule(0.0005 * 16 / 256, 1e-6, 2, 4, warmup_epochs=1)
-    assert [r["lr"] for r in log] == pytest.approx(lr.tolist())
+    assert [r["lr"] for r in log] == pytest.approx(lr)
     assert log[0]["lr"] == 0.0 and log[3]["lr"] == pytest.approx(0.0005 * 16 / 256)      # warm-up ends at its peak
     assert log[0]["wd"] == pytest.approx(0.04) and log[4]["wd"] > 0.2                    # cosine 0.04 -> 0.4
     assert log[0]["momentum"] == pytest.approx(0.996) and log[-1]["momentum"] > 0.999

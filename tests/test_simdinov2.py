@@ -1,0 +1,265 @@
+"""SimDINOv2 (Algorithm 2): loss against float64 hand formulas, masking, optimiser groups,
+1 vs 2 processes, end-to-end training, resume and bad input."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+import simdinov2
+import vit
+from test_simdino_dist import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def reference_loss(zsg, zsl, ztg, Zs_all, Zt_all, m, eps, gamma, n, same_view_pairs, coding_rate_on, distance,
+                   loss_weighting):
+    """Loops, float64. Zs_all, Zt_all: (M_glo*B, N, d) patch features of every crop; m (M_glo*B, N)."""
+    scale = 0.5 if distance == "half_sq" else 1.0
+    zs = list(zsg) + list(zsl)
+    M_glo, B, d = zsg.shape
+    terms = []
+    for i, j in itertools.product(range(len(zs)), range(M_glo)):
+        if same_view_pairs == "skip" and i == j:
+            continue
+        terms.append(sum(scale * ((zs[i][b] - ztg[j][b]) ** 2).sum() for b in range(B)) / B)
+    cls_term = sum(terms) / len(terms)
+    per_crop = []
+    for c in range(M_glo * B):                       # each crop: mean over its masked patches, 0 if none
+        ks = [k for k in range(m.shape[1]) if m[c, k]]
+        per_crop.append(sum(scale * ((Zs_all[c, k] - Zt_all[c, k]) ** 2).sum() for k in ks) / len(ks) if ks else 0.0)
+    patch_term = sum(per_crop) / len(per_crop)
+    rates = []
+    for v in range(M_glo):
+        Z = (zsg[v] + ztg[v]) / 2 if coding_rate_on == "mean" else zsg[v]
+        for g in range(B // n):
+            Zg = Z[g * n:(g + 1) * n]
+            rates.append(0.5 * torch.logdet(torch.eye(d, dtype=torch.float64) + d / eps**2 * Zg.T @ Zg / n))
+    w = 0.5 if loss_weighting == "paper" else 1.0
+    return w * (cls_term + patch_term) - gamma * sum(rates) / len(rates), patch_term
+
+
+@pytest.mark.parametrize("same_view_pairs,coding_rate_on,distance,loss_weighting",
+                         list(itertools.product(["skip", "keep"], ["mean", "student"], ["half_sq", "sq"],
+                                                ["released", "paper"])))
+def test_loss_matches_hand_formula(same_view_pairs, coding_rate_on, distance, loss_weighting):
+    M_glo, M_loc, B, N, d, n = 2, 2, 4, 6, 5, 2
+    zsg, zsl, ztg = unit(M_glo, B, d, seed=1), unit(M_loc, B, d, seed=2), unit(M_glo, B, d, seed=3)
+    Zs_all, Zt_all = unit(M_glo * B, N, d, seed=4), unit(M_glo * B, N, d, seed=5)
+    m = torch.zeros(M_glo * B, N, dtype=torch.bool)
+    m[0, [1, 2, 3]] = True                           # crops 0, 3, 6 masked to different extents,
+    m[3, 5] = True                                   # the other five not masked at all
+    m[6, :4] = True
+    idx = m.flatten().nonzero().squeeze(1)
+    Zsg, Ztg = Zs_all.flatten(0, 1)[idx], Zt_all.flatten(0, 1)[idx]
+    w = torch.tensor([1 / 3] * 3 + [1.0] + [1 / 4] * 4, dtype=torch.float64)
+    torch.testing.assert_close(simdinov2.patch_weights(m), w.float())
+    loss, _, patch, _ = simdinov2.simdinov2_loss(zsg, zsl, ztg, Zsg, Ztg, w, 0.6, 0.2, n,
+                                                 same_view_pairs, coding_rate_on, distance, loss_weighting)
+    ref, ref_patch = reference_loss(zsg, zsl, ztg, Zs_all, Zt_all, m, 0.6, 0.2, n, same_view_pairs, coding_rate_on,
+                                    distance, loss_weighting)
+    assert abs(patch.item() - float(ref_patch)) < 1e-10
+    assert abs(loss.item() - ref.item()) < 1e-10
+
+
+def test_patch_loss_is_zero_without_masked_patches():
+    z = unit(2, 4, 5, seed=0)
+    empty = torch.zeros(0, 5, dtype=torch.float64)
+    loss, _, patch, _ = simdinov2.simdinov2_loss(z, z[:0], z, empty, empty, empty[:, 0], 1.0, 0.0, 4)
+    assert patch.item() == 0.0 and torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------- masking in the network
+
+TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
+        "--local_crops_number", "2", "--proj_hidden_dim", "64", "--proj_dim", "16", "--data", "synthetic:64",
+        "--batch_size_per_gpu", "16", "--cov_group_size", "8", "--epochs", "2", "--warmup_epochs", "1",
+        "--num_workers", "0", "--log_every", "1", "--saveckp_freq", "1"]
+
+
+def test_student_uses_the_mask_token_and_the_teacher_does_not():
+    args = simdinov2.get_args(TINY + ["--drop_path_rate", "0"])
+    student, teacher = simdinov2.build_networks(args)
+    student.eval()
+    with torch.no_grad():
+        student.backbone.mask_token.normal_()
+    xg = torch.randn(2, 3, 3, 32, 32)                                  # (M_glo, B, 3, G, G), 4x4 patches
+    m = torch.zeros(6, 16, dtype=torch.bool)
+    m[1, [0, 5]] = True                                                # crop 1: patches 0 and 5
+    idx = m.flatten().nonzero().squeeze(1)
+    x2 = xg.clone()
+    x2[0, 1, :, 0:8, 0:8] += 5.0                                       # change only the pixels of patch 0 of crop 1
+    with torch.no_grad():
+        zs, Zs = student(xg, idx, m)
+        zs2, Zs2 = student(x2, idx, m)
+        zt, Zt = teacher(xg, idx)
+        zt2, Zt2 = teacher(x2, idx)
+    torch.testing.assert_close(zs2, zs)                                # the student never sees masked pixels
+    torch.testing.assert_close(Zs2, Zs)
+    assert not torch.allclose(zt2[0, 1], zt[0, 1]) and not torch.allclose(Zt2, Zt)  # the teacher does
+    assert Zs.shape == (2, 16)
+    # and the masked token really is the mask token: same features whatever the masked pixels, as shown,
+    # and different features from the unmasked crop
+    with torch.no_grad():
+        zs_unmasked, _ = student(xg, idx, torch.zeros_like(m))
+    assert not torch.allclose(zs_unmasked[0, 1], zs[0, 1])
+    torch.testing.assert_close(zs_unmasked[0, 0], zs[0, 0])
+
+
+def test_layerwise_lr_decay_and_weight_decay_groups():
+    args = simdinov2.get_args(TINY)
+    student, _ = simdinov2.build_networks(args)
+    groups = simdinov2.param_groups(student, 0.9, 0.2)
+    mult = {id(p): (g["lr_mult"], g["wd_mult"]) for g in groups for p in g["params"]}
+    named = dict(student.named_parameters())
+    L = 12
+    for i in range(L):
+        assert mult[id(named[f"backbone.blocks.{i}.attn.qkv.weight"])] == (pytest.approx(0.9 ** (L - i)), 1.0)
+        assert mult[id(named[f"backbone.blocks.{i}.attn.qkv.bias"])] == (pytest.approx(0.9 ** (L - i)), 0.0)
+        assert mult[id(named[f"backbone.blocks.{i}.ls1.gamma"])][1] == 0.0
+        assert mult[id(named[f"backbone.blocks.{i}.norm1.weight"])][1] == 0.0
+    assert mult[id(named["backbone.patch_embed.proj.weight"])] == (pytest.approx(0.9 ** 13 * 0.2), 1.0)
+    assert mult[id(named["backbone.cls_token"])] == (pytest.approx(0.9 ** 13), 1.0)
+    assert mult[id(named["backbone.mask_token"])][0] == pytest.approx(0.9 ** 13)
+    assert mult[id(named["backbone.register_tokens"])][0] == pytest.approx(0.9 ** 13)
+    assert mult[id(named["backbone.norm.weight"])] == (1.0, 0.0)
+    assert mult[id(named["head.mlp.0.weight"])] == (1.0, 1.0)
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_clipping_is_per_module_global_norm():
+    args = simdinov2.get_args(TINY)
+    student, _ = simdinov2.build_networks(args)
+    for p in student.parameters():
+        p.grad = torch.ones_like(p)
+    simdinov2.clip_gradients(student, 3.0)
+    for part in (student.backbone, student.head):
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in part.parameters()]))
+        assert norm.item() == pytest.approx(3.0, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- 1 vs 2 processes
+
+GLOBAL_BATCH = 8
+DIST = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16", "--local_crops_size", "8",
+        "--proj_hidden_dim", "64", "--proj_dim", "16", "--drop_path_rate", "0", "--cov_group_size", "4"]
+
+
+def one_step(rank, world_size, fsdp, port, out):
+    if world_size > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    args = simdinov2.get_args(DIST + ["--batch_size_per_gpu", str(GLOBAL_BATCH // world_size)] + (["--fsdp"] if fsdp else []))
+    torch.manual_seed(0)
+    student, teacher = simdinov2.build_networks(args)
+    model = simdinov2.distribute(student, teacher, args, world_size)
+    optimizer = torch.optim.AdamW(simdinov2.param_groups(student, 0.9, 0.2), lr=1e-3, weight_decay=0.04)
+    g = torch.Generator().manual_seed(1)
+    xg, xl = torch.randn(2, GLOBAL_BATCH, 3, 16, 16, generator=g), torch.randn(3, GLOBAL_BATCH, 3, 8, 8, generator=g)
+    m = torch.rand(2, GLOBAL_BATCH, 4, generator=g) < 0.4                      # (M_glo, B, N)
+    b = GLOBAL_BATCH // world_size
+    xg, xl, m = xg[:, rank * b:(rank + 1) * b], xl[:, rank * b:(rank + 1) * b], m[:, rank * b:(rank + 1) * b].flatten(0, 1)
+    idx, w = m.flatten().nonzero().squeeze(1), simdinov2.patch_weights(m)
+    zsg, Zsg, zsl = model(xg, idx, m, xl)
+    with torch.no_grad():
+        ztg, Ztg = teacher(xg, idx)
+    gamma = simdinov2.released_gamma(args.proj_dim, GLOBAL_BATCH)
+    loss = simdinov2.simdinov2_loss(zsg, zsl, ztg, Zsg, Ztg, w, args.eps, gamma, args.cov_group_size)[0]
+    loss.backward()
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in student.named_parameters() if p.grad is not None}
+    simdinov2.clip_gradients(student, 0.01)
+    optimizer.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - 0.9)
+    loss = loss.detach()
+    if world_size > 1:
+        dist.all_reduce(loss)
+        loss /= world_size
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    result = {"loss": loss, "grads": grads, "student": get_model_state_dict(student, options=full),
+              "teacher": get_model_state_dict(teacher, options=full)}
+    if rank == 0:
+        torch.save(result, out)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_one_vs_two_processes(fsdp, tmp_path):
+    one_step(0, 1, False, None, tmp_path / "one.pt")
+    mp.start_processes(one_step, args=(2, fsdp, free_port(), tmp_path / "two.pt"), nprocs=2, start_method="fork")
+    single, double = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    torch.testing.assert_close(double["loss"], single["loss"], rtol=1e-5, atol=1e-6)
+    assert single["grads"].keys() == double["grads"].keys()
+    assert single["grads"]["backbone.mask_token"].abs().sum() > 0          # masking reached the mask token
+    for n in single["grads"]:
+        torch.testing.assert_close(double["grads"][n], single["grads"][n], rtol=1e-4, atol=1e-7, msg=n)
+    for part in ("student", "teacher"):
+        for n, v in single[part].items():
+            torch.testing.assert_close(double[part][n], v, rtol=1e-4, atol=1e-6, msg=f"{part} {n}")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("v2a"))
+    simdinov2.train(simdinov2.get_args(TINY + ["--output_dir", out]))
+    return out
+
+
+def test_training_log_schedule_and_checkpoint(run_a):
+    log = read_log(run_a)
+    assert [r["iteration"] for r in log] == list(range(8))
+    assert log[3]["lr"] == pytest.approx(0.004 * (16 / 1024) ** 0.5)           # sqrt scaling, end of warm-up
+    assert log[0]["momentum"] == pytest.approx(0.9)
+    gamma = simdinov2.released_gamma(16, 16)
+    for r in log:
+        assert r["loss"] == pytest.approx(r["distance"] + r["patch_distance"] - gamma * r["R_eps"], rel=1e-5, abs=1e-6)
+        assert r["patch_distance"] > 0
+    teacher = vit.vit_from_checkpoint(os.path.join(run_a, "checkpoint.pth"))
+    assert teacher.num_register_tokens == 4 and isinstance(teacher.blocks[0].ls1, vit.LayerScale)
+
+
+def test_resume_reproduces_the_uninterrupted_run(run_a, tmp_path):
+    out = str(tmp_path / "b")
+    simdinov2.train(simdinov2.get_args(TINY + ["--output_dir", out, "--resume", os.path.join(run_a, "checkpoint0001.pth")]))
+    resumed, full = read_log(out), read_log(run_a)[4:]
+    assert [r["iteration"] for r in resumed] == [4, 5, 6, 7]
+    for a, b in zip(resumed, full):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["patch_distance"] == pytest.approx(b["patch_distance"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("extra,phrase", [
+    (["--mask_ratio", "0.5", "0.1"], "--mask_ratio 0.5 0.1"),
+    (["--local_crops_size", "12"], "--local_crops_size 12 is not divisible by --patch_size 8"),
+])
+def test_bad_input(extra, phrase, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "simdinov2.py"), *TINY, "--output_dir", str(tmp_path),
+                           *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and phrase in last, proc.stderr
