@@ -53,6 +53,9 @@ def get_args(argv=None):
     p.add_argument("--drop_path_rate", default=0.3, type=float,
                    help="""Stochastic depth of the student, rising linearly over the blocks (Table 4, v2 family: 0.3;
                    the released ViT-L config file uses 0.2).""")
+    p.add_argument("--drop_path_uniform", default=True, action=argparse.BooleanOptionalAction,
+                   help="""The same drop-path rate in every block (DINOv2's default config, which the released
+                   SimDINOv2 configs inherit) instead of one rising linearly over the blocks (DINO).""")
     p.add_argument("--num_register_tokens", default=4, type=int,
                    help="Register tokens (Darcet et al. 2024): SimDINOv2 uses 4 (Table 4).")
     p.add_argument("--layerscale", default=0.1, type=float,
@@ -190,7 +193,8 @@ def build_networks(args):
     """Student and teacher start identical; the teacher is never trained by gradients."""
     backbone = vit.build_vit(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate,
                              img_size=args.global_crops_size, num_register_tokens=args.num_register_tokens,
-                             layerscale=args.layerscale or None, pos_embed_antialias=args.pos_embed_antialias)
+                             drop_path_uniform=args.drop_path_uniform, layerscale=args.layerscale or None,
+                             pos_embed_antialias=args.pos_embed_antialias)
     student = Network(backbone, Projector(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim))
     teacher = copy.deepcopy(student)
     for blk in teacher.backbone.blocks:

@@ -101,7 +101,7 @@ class PatchEmbed(nn.Module):
 
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12, num_heads=6,
-                 mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, layerscale=None,
+                 mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, drop_path_uniform=False, layerscale=None,
                  num_register_tokens=0, pos_embed_antialias=False):
         super().__init__()
         if img_size % patch_size:
@@ -116,7 +116,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))  # CLS + patches, no registers
         self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]   # stochastic depth grows with depth
+        # stochastic depth: rising linearly to drop_path_rate over the blocks (DINO), or the same in all (DINOv2)
+        dpr = [drop_path_rate if drop_path_uniform else drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], layerscale)
                                     for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
