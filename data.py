@@ -16,7 +16,7 @@ be copied on its own. Typical use (DINOv2-style, ViT patch 16):
     dataset = build_dataset(args.data, transform=aug)  # "synthetic" or a folder
     collate = functools.partial(collate_multicrop, mask_generator=BlockMaskGenerator(224 // 16))
     loader = DataLoader(dataset, batch_size=64, num_workers=8, collate_fn=collate)
-    for batch in loader:  # batch["views"], batch["labels"], batch["masks"]
+    for batch in loader:  # batch["xg"], batch["xl"], batch["labels"], batch["masks"]
         ...
 """
 
@@ -471,9 +471,10 @@ class BlockMaskGenerator:
 
 def collate_multicrop(samples, mask_generator=None, mask_ratio=(0.1, 0.5),
                       mask_probability=0.5, generator=None):
-    """samples: B pairs (list of V view tensors, label) -> dict with
-    "views": V tensors (B, 3, S_v, S_v), "labels": (B,) long, and with a mask_generator
-    "masks": (2B, N) bool for torch.cat(views[:2]) (DINOv2's rule: int(2B * mask_probability)
+    """samples: B pairs (list of 2 + M_loc view tensors, label) -> dict with
+    "xg": the global views (2, B, 3, G, G), "xl": the local views (M_loc, B, 3, L, L)
+    (M_loc = 0: an empty (0, B, 3, G, G)), "labels": (B,) long, and with a mask_generator
+    "masks": (2B, N) bool for xg.flatten(0, 1) (DINOv2's rule: int(2B * mask_probability)
     crops get block masks whose ratios are spread evenly over mask_ratio across the
     batch, the rest none, in a random order).
     Leave generator None inside DataLoader workers: a fixed generator in a
@@ -481,10 +482,12 @@ def collate_multicrop(samples, mask_generator=None, mask_ratio=(0.1, 0.5),
     None draws a seed from torch's RNG, which the DataLoader seeds per worker."""
     views_per_sample = [s[0] for s in samples]
     n_views = len(views_per_sample[0])
-    # V x (B, 3, S_v, S_v): view k of every sample together, as the step loop wants them
-    views = [torch.stack([v[k] for v in views_per_sample]) for k in range(n_views)]
+    # view k of every sample together, one tensor per crop size, as the step loop wants them
+    xg = torch.stack([torch.stack([v[k] for v in views_per_sample]) for k in range(2)])  # (2, B, 3, G, G)
+    xl = (torch.stack([torch.stack([v[k] for v in views_per_sample]) for k in range(2, n_views)])
+          if n_views > 2 else xg[:0])                                                  # (M_loc, B, 3, L, L)
     labels = torch.tensor([int(s[1]) for s in samples], dtype=torch.long)  # (B,)
-    out = {"views": views, "labels": labels}
+    out = {"xg": xg, "xl": xl, "labels": labels}
     if mask_generator is None:
         return out
     if n_views < 2:

@@ -207,13 +207,15 @@ def simdino_loss(zsg, zsl, ztg, eps, gamma, cov_group_size, same_view_pairs="ski
     sq_dists = (zs.unsqueeze(1) - ztg.unsqueeze(0)).square().sum(-1)                 # (M, M_glo, B) ||zs_i - zt_j||^2
     if distance == "half_sq":
         sq_dists = sq_dists / 2                                                      # eq. 6's d = 1/2 ||.||^2
-    if same_view_pairs == "skip":                                                    # released code: no (i, i) pairs
-        sq_dists = sq_dists[~torch.eye(len(zs), M_glo, dtype=torch.bool, device=zs.device)]  # (M*M_glo - M_glo, B)
+    pairs = torch.ones(len(zs), M_glo, 1, device=zs.device)                           # (M, M_glo, 1) pairs that count
+    if same_view_pairs == "skip":
+        pairs[:M_glo].diagonal().zero_()                                             # released code: no (i, i) pairs
+    mean_sq_dist = (pairs * sq_dists).sum() / (pairs.sum() * B)                      # mean over kept pairs and samples
     Z = (zsg + ztg) / 2 if coding_rate_on == "mean" else zsg                         # (M_glo, B, d)
     Z = Z.unflatten(1, (B // cov_group_size, cov_group_size))                        # (M_glo, B/n, n, d) groups of n
     R_eps = coding_rate(Z, eps)                                                      # (M_glo, B/n)
-    loss = sq_dists.mean() - gamma * R_eps.mean()                                    # eq. 8
-    return loss, sq_dists.mean().detach(), R_eps.mean().detach()
+    loss = mean_sq_dist - gamma * R_eps.mean()                                       # eq. 8
+    return loss, mean_sq_dist.detach(), R_eps.mean().detach()
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -374,9 +376,8 @@ def train(args):
             for g in optimizer.param_groups:
                 g["lr"], g["weight_decay"] = lr_schedule[it] * g["lr_mult"], wd_schedule[it] * g["wd_mult"]
 
-            views = batch["views"]
-            xg = torch.stack(views[:2]).to(device, non_blocking=True)       # (M_glo, B, 3, G, G) global views
-            xl = torch.stack(views[2:]).to(device, non_blocking=True) if len(views) > 2 else xg[:0]  # (M_loc, B, 3, L, L)
+            xg = batch["xg"].to(device, non_blocking=True)                  # (M_glo, B, 3, G, G) global views
+            xl = batch["xl"].to(device, non_blocking=True)                  # (M_loc, B, 3, L, L) local views
             with autocast:
                 zsg, zsl = model(xg, xl)                                    # (M_glo, B, d), (M_loc, B, d) student
                 with torch.no_grad():

@@ -248,16 +248,18 @@ def simdinov2_loss(zsg, zsl, ztg, Zsg, Ztg, w, eps, gamma, cov_group_size, same_
     patch_sq_dists = (Zsg - Ztg).square().sum(-1)                                    # (n_masked,) ||Zs_k - Zt_k||^2
     if distance == "half_sq":
         sq_dists, patch_sq_dists = sq_dists / 2, patch_sq_dists / 2                  # eq. 6's d = 1/2 ||.||^2
-    if same_view_pairs == "skip":                                                    # released code: no (i, i) pairs
-        sq_dists = sq_dists[~torch.eye(len(zs), M_glo, dtype=torch.bool, device=zs.device)]  # (M*M_glo - M_glo, B)
+    pairs = torch.ones(len(zs), M_glo, 1, device=zs.device)                           # (M, M_glo, 1) pairs that count
+    if same_view_pairs == "skip":
+        pairs[:M_glo].diagonal().zero_()                                             # released code: no (i, i) pairs
+    mean_sq_dist = (pairs * sq_dists).sum() / (pairs.sum() * B)                      # mean over kept pairs and samples
     # mean over each crop's masked patches, then over all M_glo*B global crops (unmasked ones add 0), as released
     patch_term = (w * patch_sq_dists).sum() / (M_glo * B)
     Z = (zsg + ztg) / 2 if coding_rate_on == "mean" else zsg                         # (M_glo, B, d)
     Z = Z.unflatten(1, (B // cov_group_size, cov_group_size))                        # (M_glo, B/n, n, d) groups of n
     R_eps = coding_rate(Z, eps)                                                      # (M_glo, B/n)
     scale = 0.5 if loss_weighting == "paper" else 1.0                                # Algorithm 2 halves the two terms
-    loss = scale * (sq_dists.mean() + patch_term) - gamma * R_eps.mean()             # eq. 16
-    return loss, sq_dists.mean().detach(), patch_term.detach(), R_eps.mean().detach()
+    loss = scale * (mean_sq_dist + patch_term) - gamma * R_eps.mean()                # eq. 16
+    return loss, mean_sq_dist.detach(), patch_term.detach(), R_eps.mean().detach()
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -439,12 +441,12 @@ def train(args):
             for g in optimizer.param_groups:
                 g["lr"], g["weight_decay"] = lr_schedule[it] * g["lr_mult"], wd_schedule[it] * g["wd_mult"]
 
-            views, m = batch["views"], batch["masks"]                      # m (M_glo*B, N) bool: patches to mask
+            m = batch["masks"]                                              # (M_glo*B, N) bool: patches to mask
             idx = m.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # (n_masked,) found on CPU: no sync
             w = patch_weights(m).to(device, non_blocking=True)              # (n_masked,)
             m = m.to(device, non_blocking=True)
-            xg = torch.stack(views[:2]).to(device, non_blocking=True)       # (M_glo, B, 3, G, G) global views
-            xl = torch.stack(views[2:]).to(device, non_blocking=True) if len(views) > 2 else xg[:0]  # (M_loc, B, 3, L, L)
+            xg = batch["xg"].to(device, non_blocking=True)                  # (M_glo, B, 3, G, G) global views
+            xl = batch["xl"].to(device, non_blocking=True)                  # (M_loc, B, 3, L, L) local views
             with autocast:
                 # the student sees xmg: xg with the patches in m swapped for the mask token (inside the ViT)
                 zsg, Zsg, zsl = model(xg, idx, m, xl)                       # (M_glo, B, d), (n_masked, d), (M_loc, B, d)

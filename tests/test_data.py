@@ -436,10 +436,11 @@ def fake_samples(B, n_local=2, G=8, L=4):
 
 def test_collate_views_and_labels():
     out = collate_multicrop(fake_samples(5))
-    assert set(out) == {"views", "labels"}
-    assert [tuple(v.shape) for v in out["views"]] == [(5, 3, 8, 8)] * 2 + [(5, 3, 4, 4)] * 2
-    for k, v in enumerate(out["views"]):
+    assert set(out) == {"xg", "xl", "labels"}
+    assert out["xg"].shape == (2, 5, 3, 8, 8) and out["xl"].shape == (2, 5, 3, 4, 4)
+    for k, v in enumerate([*out["xg"], *out["xl"]]):
         assert torch.equal(v[:, 0, 0, 0], 100.0 * torch.arange(5) + k)
+    assert collate_multicrop(fake_samples(3, n_local=0))["xl"].shape == (0, 3, 3, 8, 8)
     assert out["labels"].dtype == torch.long and out["labels"].tolist() == [10, 11, 12, 13, 14]
 
 
@@ -495,6 +496,6 @@ def test_collate_in_dataloader_workers():
     batches = list(loader)
     assert len(batches) == 2
     for i, out in enumerate(batches):
-        assert [tuple(v.shape) for v in out["views"]] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
+        assert out["xg"].shape == (2, 4, 3, 32, 32) and out["xl"].shape == (2, 4, 3, 16, 16)
         assert out["labels"].tolist() == [4 * i + k for k in range(4)]
         assert out["masks"].shape == (8, 16) and (out["masks"].any(1)).sum() <= 4
