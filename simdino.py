@@ -144,7 +144,7 @@ class Projector(nn.Module):
 
 
 class Network(nn.Module):
-    """Backbone + projector. One call runs both crop sizes (one backbone pass per size)."""
+    """Backbone + head. One call runs both crop sizes (one backbone pass per size)."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -152,10 +152,10 @@ class Network(nn.Module):
         self.head = head
 
     def forward(self, xg, xl=None):               # xg (M_glo, B, 3, G, G), xl (M_loc, B, 3, L, L)
-        zg = self.head(self.backbone(xg.flatten(0, 1))).unflatten(0, xg.shape[:2])   # (M_glo, B, d)
+        zg = self.head(self.backbone(xg.flatten(0, 1)).unflatten(0, xg.shape[:2]))   # (M_glo, B, head output)
         if xl is None:
             return zg
-        return zg, self.head(self.backbone(xl.flatten(0, 1))).unflatten(0, xl.shape[:2])  # + (M_loc, B, d)
+        return zg, self.head(self.backbone(xl.flatten(0, 1)).unflatten(0, xl.shape[:2]))  # + (M_loc, B, head output)
 
 
 def build_networks(args):
@@ -288,6 +288,36 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
+def load_optimizer_state(model, optimizer, state):
+    """set_optimizer_state_dict for a checkpoint in which some parameters have no optimiser state yet.
+
+    DINO's last layer has none until its first step (it is frozen in epoch 0). The strict load
+    rejects that; strict=False keeps, for such a parameter, the zero state of the dummy step that
+    set_optimizer_state_dict takes to initialise an empty optimiser, so its first real AdamW step
+    would count as step 2 and the resumed run would drift. Drop that state: step 1 comes next.
+    """
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    for name, p in model.named_parameters():
+        if p.requires_grad and name not in state["state"]:
+            optimizer.state.pop(p, None)
+
+
+def load_training_state(path, student, teacher, optimizer):
+    """Restore student, teacher and optimiser from a checkpoint of this script; return the checkpoint."""
+    if not os.path.exists(path):
+        fail(f"--resume: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    own, saved = student.state_dict(), ckpt["student"]
+    wrong = [k for k in own if k not in saved or saved[k].shape != own[k].shape] + [k for k in saved if k not in own]
+    if wrong:
+        fail(f"--resume: {path} holds another model ({wrong[0]} differs): resume with the arguments of the run "
+             f"that wrote it (its 'args' entry)")
+    set_model_state_dict(student, ckpt["student"], options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(teacher, ckpt["teacher"], options=StateDictOptions(full_state_dict=True))
+    load_optimizer_state(student, optimizer, ckpt["optimizer"])   # parameters not stepped yet have no state
+    return ckpt
+
+
 def fail(msg):
     """Stop every process with a one-line message and a non-zero exit code, no traceback."""
     sys.exit(f"error: {msg}")
@@ -351,13 +381,8 @@ def train(args):
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     start_epoch = 0
     if args.resume:
-        path = ckpt_path if args.resume == "auto" else args.resume
-        if not os.path.exists(path):
-            fail(f"--resume: no checkpoint at {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        set_model_state_dict(student, ckpt["student"], options=StateDictOptions(full_state_dict=True))
-        set_model_state_dict(teacher, ckpt["teacher"], options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(student, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        ckpt = load_training_state(ckpt_path if args.resume == "auto" else args.resume, student, teacher,
+                                   optimizer)
         start_epoch = ckpt["epoch"]
         del ckpt
     if rank == 0:

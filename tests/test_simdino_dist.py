@@ -26,7 +26,6 @@ def one_step(rank, world_size, fsdp, port, out):
     if world_size > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    torch.set_num_threads(1)
     args = simdino.get_args(TINY + ["--batch_size_per_gpu", str(GLOBAL_BATCH // world_size)] + (["--fsdp"] if fsdp else []))
     torch.manual_seed(0)
     student, teacher = simdino.build_networks(args)

@@ -83,6 +83,15 @@ def test_atomic_save_keeps_the_previous_checkpoint(tmp_path):
     assert torch.load(path, weights_only=True) == {"epoch": 1}
 
 
+def train_error(*args):
+    """Run train in this process and return the one-line message it exits with."""
+    with pytest.raises(SystemExit) as exit_info:
+        simdino.train(simdino.get_args(list(args)))
+    msg = str(exit_info.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
 def run_cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, os.path.join(ROOT, "simdino.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
@@ -97,28 +106,32 @@ def assert_clean_error(proc, *phrases):
         assert phrase in last, last
 
 
-@pytest.mark.parametrize("extra,phrases", [
-    (["--global_crops_size", "20"], ["--global_crops_size 20 is not divisible by --patch_size 8"]),
-    (["--batch_size_per_gpu", "4"], ["multiple of --cov_group_size 8"]),
-    (["--data", "/nonexistent/folder"], ["does not exist"]),
-    (["--gamma", "big"], ["--gamma 'big'"]),
-    (["--eps", "0"], ["--eps"]),
+@pytest.mark.parametrize("extra,phrase", [
+    (["--global_crops_size", "20"], "--global_crops_size 20 is not divisible by --patch_size 8"),
+    (["--batch_size_per_gpu", "4"], "multiple of --cov_group_size 8"),
+    (["--gamma", "big"], "--gamma 'big'"),
+    (["--eps", "0"], "--eps 0.0 must be positive"),
+    (["--data", "synthetic:8"], "8 images are fewer than one global batch of 16"),
 ])
-def test_bad_arguments(extra, phrases, tmp_path):
-    assert_clean_error(run_cli(*TINY, "--output_dir", str(tmp_path), *extra), *phrases)
+def test_bad_arguments(extra, phrase, tmp_path):
+    assert phrase in train_error(*TINY, "--output_dir", str(tmp_path), *extra)
 
 
-def test_empty_data_folder(tmp_path):
-    (tmp_path / "data").mkdir()
-    assert_clean_error(run_cli(*TINY, "--output_dir", str(tmp_path / "out"), "--data", str(tmp_path / "data")))
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_bad_data_folder_on_the_command_line(folder, tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli(*TINY, "--output_dir", str(tmp_path / "out"), "--data", str(tmp_path / folder))
+    assert_clean_error(proc, "does not exist" if folder == "missing" else "no class sub-folders")
 
 
 def test_existing_run_needs_resume(run_a, tmp_path):
     out = tmp_path / "c"
     out.mkdir()
     shutil.copy(os.path.join(run_a, "checkpoint0001.pth"), out / "checkpoint.pth")
-    assert_clean_error(run_cli(*TINY, "--output_dir", str(out)), "pass --resume")
-    assert_clean_error(run_cli(*TINY, "--output_dir", str(tmp_path / "d"), "--resume"), "no checkpoint")
+    assert "pass --resume" in train_error(*TINY, "--output_dir", str(out))
+    assert "no checkpoint" in train_error(*TINY, "--output_dir", str(tmp_path / "d"), "--resume")
+    msg = train_error(*TINY, "--output_dir", str(out), "--resume", "--proj_dim", "32")   # another architecture
+    assert "holds another model" in msg and "head.mlp.4" in msg
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_a, tmp_path):
