@@ -51,7 +51,7 @@ def get_args(argv=None):
     p.add_argument("--patch_size", default=16, type=int,
                    help="Patch size in pixels (Table 4: 16). Crop sizes must be multiples of it.")
     p.add_argument("--drop_path_rate", default=0.3, type=float,
-                   help="""Stochastic depth of the student, rising linearly over the blocks (Table 4, v2 family: 0.3;
+                   help="""Stochastic depth of the student, in every block (see --drop_path_uniform) (Table 4, v2 family: 0.3;
                    the released ViT-L config file uses 0.2).""")
     p.add_argument("--drop_path_uniform", default=True, action=argparse.BooleanOptionalAction,
                    help="""The same drop-path rate in every block (DINOv2's default config, which the released
