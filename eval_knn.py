@@ -1,0 +1,389 @@
+"""Weighted k-NN evaluation of a frozen backbone: the DINO protocol (Caron et al. 2021, Sec. 4 and eval_knn.py).
+
+Every image of the train and val splits goes once through the frozen backbone, resized as in the
+SimDINO paper's Appendix A (shorter side to 256 px, bicubic; centre crop 224 px). Its final-norm CLS
+feature is L2-normalised. Each val image is classified by its k most similar train images (cosine
+similarity); each neighbour votes for its own label with the weight exp(sim / T), T = 0.07:
+
+    votes[c] = sum over the k neighbours j with label c of exp(cos(x, x_j) / T),    prediction = argmax_c votes[c]
+
+Top-1 and top-5 accuracy are reported for k = 10, 20, 100, 200 in one run (papers quote k = 20).
+
+    python eval_knn.py --checkpoint out/simdino/checkpoint.pth                    # this project's runs: the teacher
+    python eval_knn.py --checkpoint dino_vitbase16_pretrain.pth --data /path/to/imagenet
+    torchrun --nproc_per_node=8 eval_knn.py --checkpoint dinov2_vits14_reg4_pretrain.pth --data /path/to/imagenet
+    python eval_knn.py --checkpoint out/simdino_synthetic/checkpoint.pth --data synthetic:2000 \\
+        --resize_size 36 --crop_size 32 --compare_init                            # trained vs. the same net at init
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torchvision import transforms
+from tqdm import tqdm
+
+import vit
+from data import IMAGENET_MEAN, IMAGENET_STD, DataError, build_dataset
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser("eval_knn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Backbone
+    p.add_argument("--checkpoint", default=None,
+                   help="""Checkpoint to evaluate: one of this project's training checkpoints, a bare ViT state dict,
+                   or the authors' released DINO / DINOv2 / SimDINO / SimDINOv2 files. The architecture (width, depth,
+                   patch size, registers, layerscale) is read off the weights.""")
+    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
+                   help="Which network of a training checkpoint to evaluate (DINO's eval_knn: teacher).")
+    p.add_argument("--compare_init", action="store_true",
+                   help="""Also evaluate the same architecture freshly initialised (torch.manual_seed(--seed), built as
+                   the training scripts build it) and print both lines: what training added over the random network.""")
+    p.add_argument("--seed", default=None, type=int,
+                   help="Seed of the --compare_init network. Default: the checkpoint's own args.seed, else 0.")
+    # Data
+    p.add_argument("--data", default="synthetic",
+                   help="""ImageFolder-style folder with train/ and val/ (or test/) sub-folders of class folders, or
+                   'synthetic' / 'synthetic:N' for the embedded shapes dataset (N images per split).""")
+    p.add_argument("--resize_size", default=256, type=int,
+                   help="Shorter side after the bicubic resize (Appendix A and DINO: 256). For the 64 px synthetic images: 36.")
+    p.add_argument("--crop_size", default=224, type=int,
+                   help="Side of the centre crop (Appendix A and DINO: 224); a multiple of the patch size. Synthetic: 32.")
+    p.add_argument("--on_bad_image", default="skip", choices=["skip", "stop"],
+                   help="An unreadable or truncated image is skipped and counted, or stops the run.")
+    # k-NN
+    p.add_argument("--nb_knn", default=[10, 20, 100, 200], type=int, nargs="+",
+                   help="Numbers of neighbours k, all reported in one run (DINO: 10 20 100 200; k=20 is the one quoted).")
+    p.add_argument("--temperature", default=0.07, type=float,
+                   help="T of the vote weights exp(sim / T) (DINO: 0.07).")
+    p.add_argument("--chunk_size", default=256, type=int,
+                   help="""Val images whose similarities to all train images are computed at once: memory is
+                   chunk_size x train images x 4 bytes (1.3 GB for ImageNet-1k at 256). Results do not depend on it.""")
+    # Run
+    p.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process and forward pass (DINO: 128).")
+    p.add_argument("--num_workers", default=8, type=int, help="Data-loading processes per GPU.")
+    p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast for the backbone on CUDA (features are normalised in float32). Ignored on CPU.")
+    p.add_argument("--save_features", default=None, metavar="DIR",
+                   help="""Save the extracted train/val features and labels to DIR/knn_features.pth
+                   (and DIR/knn_features_init.pth with --compare_init).""")
+    p.add_argument("--load_features", default=None, metavar="DIR",
+                   help="Skip the backbone: load DIR/knn_features.pth written by --save_features.")
+    p.add_argument("--output_json", default=None,
+                   help="""Where the result is written as JSON. Default:
+                   <output_dir or the checkpoint's folder>/<checkpoint name>_knn.json.""")
+    p.add_argument("--output_dir", default=None, help="Folder for the default JSON file (default: the checkpoint's folder).")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- k-NN (DINO protocol)
+
+def weighted_votes(sims, neighbour_labels, T, num_classes):
+    """(b, k) cosine similarities and labels of the k nearest train samples -> (b, C) votes sum exp(sim / T).
+
+    In float64: exp(1 / T) overflows float32 for T < 0.0114.
+    """
+    weights = (sims.double() / T).exp()                                            # (b, k)
+    votes = torch.zeros(sims.shape[0], num_classes, dtype=torch.float64, device=sims.device)
+    return votes.scatter_add_(1, neighbour_labels, weights)                         # (b, C)
+
+
+def topk_hits(votes, labels):
+    """(b, C) votes, (b,) labels -> (2,) numbers of top-1 and top-5 hits.
+
+    Top-5: the label is among the (up to) 5 classes with the most votes, among classes that got a vote.
+    So with k < 5 neighbours or fewer than 5 classes it stays what it says: a class nobody voted for
+    is never a hit (DINO's code ranks the unvoted classes arbitrarily and fails with < 5 classes).
+    """
+    top_votes, top_classes = votes.topk(min(5, votes.shape[1]), dim=1)             # (b, 5)
+    hit = (top_classes == labels[:, None]) & (top_votes > 0)                       # (b, 5)
+    return torch.stack([hit[:, 0].sum(), hit.any(1).sum()]).cpu()
+
+
+@torch.no_grad()
+def knn_classify(train_features, train_labels, test_features, test_labels, k_list=(10, 20, 100, 200), T=0.07,
+                 num_classes=None, chunk_size=256):
+    """Weighted k-NN accuracy of the test samples: {k: (top-1 %, top-5 %)} for each k of k_list.
+
+    Features (N, D) and (M, D) are L2-normalised here (in float32), so similarities are cosines. A k larger
+    than the train set is clamped to its size (every train sample votes). The similarity matrix is built
+    chunk_size test samples at a time: memory chunk_size x N, whatever M.
+    """
+    train_features = F.normalize(train_features.float(), dim=1)                    # (N, D) unit rows
+    test_features = F.normalize(test_features.float(), dim=1)                      # (M, D)
+    train_labels, test_labels = train_labels.long(), test_labels.long()
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    ks = [min(k, len(train_features)) for k in k_list]
+    hits = torch.zeros(len(ks), 2, dtype=torch.long)                               # (len(ks), top-1/top-5)
+    for i in range(0, len(test_features), chunk_size):
+        sims = test_features[i:i + chunk_size] @ train_features.T                  # (b, N) cosine similarities
+        sims, idx = sims.topk(max(ks), dim=1)                                      # (b, K) largest first
+        neighbour_labels = train_labels[idx]                                       # (b, K)
+        labels = test_labels[i:i + chunk_size]                                     # (b,)
+        for j, k in enumerate(ks):                                                 # the k nearest are the first k
+            hits[j] += topk_hits(weighted_votes(sims[:, :k], neighbour_labels[:, :k], T, num_classes), labels)
+    n = len(test_features)
+    return {k: (100.0 * h[0].item() / n, 100.0 * h[1].item() / n) for k, h in zip(k_list, hits)}
+
+
+# ----------------------------------------------------------------------------- features
+
+def gather_in_order(local, n_total, world_size):
+    """Rank r holds rows r, r + W, r + 2W, ... of an (n_total, ...) tensor -> the whole tensor, in order, on every rank.
+
+    all_gather wants equal shapes: shares are padded to ceil(n_total / W) rows, the padding trimmed after.
+    """
+    m = math.ceil(n_total / world_size)
+    padded = local.new_zeros((m, *local.shape[1:]))
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)                                                 # W x (m, ...)
+    out = local.new_empty((n_total, *local.shape[1:]))
+    for r, part in enumerate(parts):
+        out[r::world_size] = part[:len(range(r, n_total, world_size))]             # rank r's rows, padding dropped
+    return out
+
+
+@torch.no_grad()
+def extract_features(model, dataset, device, batch_size=128, num_workers=0, rank=0, world_size=1, bf16=True):
+    """Backbone features of a whole dataset: (N, D) float32 and (N,) labels, row i from dataset[i], on every rank.
+
+    Each process takes every world_size-th image (no padding duplicates, unlike DistributedSampler); the
+    shares are gathered back in dataset order.
+    """
+    if len(dataset) < world_size:
+        raise DataError(f"{len(dataset)} images are fewer than the {world_size} processes: use fewer processes")
+    model.eval()
+    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16)
+    features, labels = [], []
+    for x, y in tqdm(loader, desc="features", disable=rank != 0, dynamic_ncols=True):
+        with autocast:
+            features.append(model(x.to(device, non_blocking=True)).float())        # (B, D)
+        labels.append(torch.as_tensor(y).to(device))                               # (B,)
+    features, labels = torch.cat(features), torch.cat(labels)                      # (N / W, D), (N / W,)
+    if world_size > 1:
+        features = gather_in_order(features, len(dataset), world_size)             # (N, D)
+        labels = gather_in_order(labels, len(dataset), world_size)                 # (N,)
+    return features, labels
+
+
+# ----------------------------------------------------------------------------- backbone and data (as in eval_linear.py)
+
+def fail(msg):
+    """Stop with a one-line message and a non-zero exit code, no traceback."""
+    sys.exit(f"error: {msg}")
+
+
+def init_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def arch_name(model):
+    """'vit_small/16' for a ViT-S with 16 px patches."""
+    arch = next(a for a, (d, L, _) in vit.ARCHS.items() if d == model.embed_dim and L == len(model.blocks))
+    return f"{arch}/{model.patch_size}"
+
+
+def load_backbone(path, which="teacher"):
+    """(ViT with the checkpoint's weights, the checkpoint's training args as a dict, possibly empty)."""
+    ckpt = vit.read_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        raise vit.CheckpointError(f"checkpoint '{path}' holds a {type(ckpt).__name__}, not a state dict: "
+                                  f"pass a DINO / DINOv2 / SimDINO / SimDINOv2 or this project's checkpoint")
+    held = [k for k in ("teacher", "student") if isinstance(ckpt.get(k), dict)]
+    if held and which not in held:
+        raise vit.CheckpointError(f"checkpoint '{path}' holds no '{which}' network (only {', '.join(held)}): "
+                                  f"pass --checkpoint_key {held[0]}")
+    args = ckpt.get("args", {})
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, dict) else {}
+    # the v2 recipes resize position embeddings with anti-aliasing: evaluate as trained (matters off 224 px only)
+    model = vit.vit_from_checkpoint(ckpt, which=which, pos_embed_antialias=bool(args.get("pos_embed_antialias")))
+    return model.eval(), args
+
+
+def random_twin(model, seed, layerscale=0.1):
+    """The same architecture freshly initialised after torch.manual_seed(seed), built as the training scripts build
+    their backbone, so a run's own checkpoint gets back the network it started from. `layerscale` is the initial
+    value of the layerscale weights, used only if the model has them (the trained weights do not tell it)."""
+    torch.manual_seed(seed)
+    arch = arch_name(model).split("/")[0]
+    grid = math.isqrt(model.pos_embed.shape[1] - 1)
+    has_ls = isinstance(model.blocks[0].ls1, vit.LayerScale)
+    twin = vit.build_vit(arch, img_size=grid * model.patch_size, patch_size=model.patch_size,
+                         num_register_tokens=model.num_register_tokens, layerscale=layerscale if has_ls else None,
+                         pos_embed_antialias=model.pos_embed_antialias)
+    return twin.to(model.pos_embed.device).eval()
+
+
+def init_settings(args, ckpt_args):
+    """(seed, layerscale) of the --compare_init network: --seed, else the run's own seed, else 0; the run's initial
+    layerscale if its args record it, else 0.1 (SimDINOv2, Table 4)."""
+    seed = args.seed if args.seed is not None else int(ckpt_args.get("seed", 0))
+    ls = ckpt_args.get("layerscale")
+    return seed, float(ls) if isinstance(ls, (int, float)) and ls > 0 else 0.1
+
+
+def eval_transform(resize_size, crop_size):
+    """Appendix A / DINO: bicubic resize of the shorter side, centre crop, ImageNet normalisation."""
+    return transforms.Compose([
+        transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def check_crop(args, model):
+    if args.crop_size % model.patch_size:
+        fail(f"--crop_size {args.crop_size} is not divisible by the patch size {model.patch_size} of the checkpoint: "
+             f"use a multiple of {model.patch_size}, e.g. {max(1, round(args.crop_size / model.patch_size)) * model.patch_size}")
+
+
+def build_splits(args, train_transform, val_transform):
+    """(train, val) datasets of --data with the same classes."""
+    train_set = build_dataset(args.data, train_transform, "train", args.on_bad_image)
+    val_set = build_dataset(args.data, val_transform, "val", args.on_bad_image)
+    if list(train_set.classes) != list(val_set.classes):
+        raise DataError(f"--data {args.data}: train has classes {train_set.classes[:3]}... ({len(train_set.classes)}) "
+                        f"but val has {val_set.classes[:3]}... ({len(val_set.classes)}): give both the same class folders")
+    return train_set, val_set
+
+
+def default_json(args, suffix):
+    if args.output_json:
+        return args.output_json
+    folder = args.output_dir or (args.load_features if getattr(args, "load_features", None) else None) \
+        or os.path.dirname(os.path.abspath(args.checkpoint))
+    stem = os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint else "features"
+    key = "" if args.checkpoint_key == "teacher" else f"_{args.checkpoint_key}"
+    return os.path.join(folder, f"{stem}{key}_{suffix}.json")
+
+
+def write_json(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- main
+
+def check_args(args):
+    if args.checkpoint is None and args.load_features is None:
+        fail("pass --checkpoint PATH (a training checkpoint or a released backbone), or --load_features DIR")
+    if args.load_features and args.compare_init:
+        fail("--compare_init needs the backbone: it cannot be combined with --load_features")
+    if min(args.nb_knn) < 1:
+        fail(f"--nb_knn {' '.join(map(str, args.nb_knn))}: every k must be >= 1")
+    for name in ("temperature", "chunk_size", "batch_size_per_gpu", "resize_size", "crop_size"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name} {getattr(args, name)} must be positive")
+    if args.crop_size > args.resize_size:
+        fail(f"--crop_size {args.crop_size} is larger than --resize_size {args.resize_size}: the centre crop would pad "
+             f"the image; use e.g. --resize_size {math.ceil(args.crop_size * 256 / 224)}")
+
+
+def result_line(name, accs):
+    order = sorted(accs, key=lambda k: (k != 20, k))                               # k = 20, the quoted one, first
+    return f"k-NN ({name}): " + " | ".join(f"k={k} top-1 {accs[k][0]:.2f} top-5 {accs[k][1]:.2f}" for k in order)
+
+
+def extract_splits(net, train_set, val_set, args, rank, world_size, device):
+    """train_/test_ features (N, D) and labels (N,) of one backbone, and num_classes."""
+    feats = {"num_classes": len(train_set.classes)}
+    for split, dataset in (("train", train_set), ("test", val_set)):
+        feats[f"{split}_features"], feats[f"{split}_labels"] = extract_features(
+            net.to(device), dataset, device, args.batch_size_per_gpu, args.num_workers, rank, world_size, args.bf16)
+    return feats
+
+
+FEATURE_KEYS = ("train_features", "train_labels", "test_features", "test_labels", "num_classes")
+
+
+def load_saved_features(folder):
+    path = os.path.join(folder, "knn_features.pth")
+    if not os.path.exists(path):
+        fail(f"--load_features: no {path}; write it first with --save_features {folder}")
+    feats = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(feats, dict) or any(k not in feats for k in FEATURE_KEYS):
+        fail(f"--load_features: {path} is not a file written by --save_features (it needs {', '.join(FEATURE_KEYS)})")
+    return path, feats
+
+
+def main(args):
+    rank, world_size, device = init_distributed()
+    check_args(args)
+    if args.load_features:
+        path, feats = load_saved_features(args.load_features)
+        info, runs = {"features": path}, [("checkpoint", f"features from {path}", feats)]
+    else:
+        model, ckpt_args = load_backbone(args.checkpoint, args.checkpoint_key)
+        check_crop(args, model)
+        transform = eval_transform(args.resize_size, args.crop_size)
+        train_set, val_set = build_splits(args, transform, transform)
+        name = f"{arch_name(model)} {args.checkpoint_key}, {args.checkpoint}"
+        runs = [("checkpoint", name, extract_splits(model, train_set, val_set, args, rank, world_size, device))]
+        if args.compare_init:
+            seed, ls = init_settings(args, ckpt_args)
+            twin = random_twin(model, seed, ls)
+            runs.append(("init", f"{arch_name(model)} random init, seed {seed}",
+                         {"seed": seed, **extract_splits(twin, train_set, val_set, args, rank, world_size, device)}))
+        if args.save_features and rank == 0:
+            os.makedirs(args.save_features, exist_ok=True)
+            for label, _, feats in runs:
+                fname = "knn_features.pth" if label == "checkpoint" else f"knn_features_{label}.pth"
+                torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in feats.items()},
+                           os.path.join(args.save_features, fname))
+        info = {"checkpoint": args.checkpoint, "checkpoint_key": args.checkpoint_key, "backbone": arch_name(model),
+                "data": args.data, "resize_size": args.resize_size, "crop_size": args.crop_size,
+                "skipped_images": getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0)}
+
+    if rank == 0:
+        result = {**info, "temperature": args.temperature, "nb_knn": args.nb_knn}
+        n_train = len(runs[0][2]["train_features"])
+        if max(args.nb_knn) > n_train:
+            print(f"note: k > {n_train} (the number of train images) is clamped to {n_train}")
+        for label, name, feats in runs:
+            accs = knn_classify(feats["train_features"].to(device), feats["train_labels"].to(device),
+                                feats["test_features"].to(device), feats["test_labels"].to(device),
+                                args.nb_knn, args.temperature, feats["num_classes"], args.chunk_size)
+            print(result_line(name, accs))
+            entry = {"num_train": n_train, "num_val": len(feats["test_features"]), "num_classes": feats["num_classes"],
+                     "knn": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in accs.items()}}
+            if label == "checkpoint":
+                result.update(entry)
+            else:
+                result[label] = {"seed": feats["seed"], **entry}
+        path = default_json(args, "knn")
+        write_json(result, path)
+        print(f"written to {path}")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def cli(argv=None):
+    try:
+        main(get_args(argv))
+    except (DataError, vit.CheckpointError) as e:
+        fail(e)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,287 @@
+"""eval_knn.py: the weighted vote by hand, chunking, top-5 corner cases, ordered gathering over 2 processes,
+every checkpoint layout, the script end to end, bad input."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import eval_knn
+import vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--data", "synthetic:30", "--resize_size", "18", "--crop_size", "16", "--num_workers", "0",
+         "--batch_size_per_gpu", "16"]
+
+
+# ----------------------------------------------------------------------------- the k-NN classifier
+
+def clusters(n_per_class, num_classes, dim=32, noise=0.05, seed=0):
+    """Gaussian clusters around fixed random centres; seed draws the noise."""
+    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(1234))
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    return centres[labels] + noise * torch.randn(len(labels), dim, generator=torch.Generator().manual_seed(seed)), labels
+
+
+def test_separated_clusters_are_classified_perfectly():
+    xtr, ytr = clusters(20, 6)
+    xte, yte = clusters(10, 6, seed=1)                                   # same centres, new noise
+    accs = eval_knn.knn_classify(xtr, ytr, xte, yte, k_list=[1, 5, 20], T=0.07, num_classes=6)
+    assert accs == {1: (100.0, 100.0), 5: (100.0, 100.0), 20: (100.0, 100.0)}
+    # a label permutation of the test set is detected: 0 %
+    accs = eval_knn.knn_classify(xtr, ytr, xte, (yte + 1) % 6, k_list=[20], num_classes=6)
+    assert accs[20][0] == 0.0
+
+
+def test_hand_worked_vote():
+    # 4 unit train vectors in 2-D; the query q = (1, 0) has cosines 1, 0.8, 0.6, 0 to them
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1, 0])
+    q = torch.tensor([[1.0, 0.0]])
+    sims = torch.tensor([[1.0, 0.8, 0.6]], dtype=torch.float64)           # its 3 nearest: train 0, 1, 2
+    votes = eval_knn.weighted_votes(sims, labels[:3][None], 0.5, 2)
+    # class 0: exp(1 / 0.5) = 7.389; class 1: exp(0.8 / 0.5) + exp(0.6 / 0.5) = 4.953 + 3.320 = 8.273
+    torch.testing.assert_close(votes, torch.tensor([[math.exp(2.0), math.exp(1.6) + math.exp(1.2)]], dtype=torch.float64))
+    assert votes[0, 1] > votes[0, 0]                                     # two fair neighbours outvote one close one
+    # at T = 0.1 the closest dominates: exp(10) = 22026 > exp(8) + exp(6) = 3384
+    votes = eval_knn.weighted_votes(sims, labels[:3][None], 0.1, 2)
+    torch.testing.assert_close(votes, torch.tensor([[math.exp(10.0), math.exp(8.0) + math.exp(6.0)]], dtype=torch.float64))
+    # the same through knn_classify (query of class 1): right at T = 0.5, wrong at T = 0.1; 2 classes so top-5 is
+    # "class 1 got a vote"; with k = 1 only train 0 (class 0) votes, so not even top-5
+    y = torch.tensor([1])
+    assert eval_knn.knn_classify(train, labels, q, y, [3], T=0.5, num_classes=2) == {3: (100.0, 100.0)}
+    assert eval_knn.knn_classify(train, labels, q, y, [3], T=0.1, num_classes=2) == {3: (0.0, 100.0)}
+    assert eval_knn.knn_classify(train, labels, q, y, [1], T=0.5, num_classes=2) == {1: (0.0, 0.0)}
+    # features need not be normalised by the caller: cosines are taken
+    assert eval_knn.knn_classify(3 * train, labels, 5 * q, y, [3], T=0.5, num_classes=2) == {3: (100.0, 100.0)}
+
+
+def test_chunked_equals_unchunked():
+    g = torch.Generator().manual_seed(0)
+    xtr, ytr = torch.randn(300, 16, generator=g), torch.randint(0, 10, (300,), generator=g)
+    xte, yte = torch.randn(77, 16, generator=g), torch.randint(0, 10, (77,), generator=g)
+    xte[:40] = xtr[:40] + 0.3 * torch.randn(40, 16, generator=g)        # some test points with a true neighbour
+    yte[:40] = ytr[:40]
+    ks = [1, 3, 10, 20, 100, 200]
+    full = eval_knn.knn_classify(xtr, ytr, xte, yte, ks, num_classes=10, chunk_size=10_000)
+    for chunk in (1, 7, 32):
+        assert eval_knn.knn_classify(xtr, ytr, xte, yte, ks, num_classes=10, chunk_size=chunk) == full
+    assert full[1][0] > 40                                              # not a trivial all-wrong case
+    assert all(0 <= t1 <= t5 <= 100 for t1, t5 in full.values())
+
+
+def test_top5_with_few_neighbours_or_classes_and_k_beyond_the_train_set():
+    xtr, ytr = clusters(3, 10, noise=1.0)
+    xte, yte = clusters(3, 10, noise=1.0, seed=1)
+    accs = eval_knn.knn_classify(xtr, ytr, xte, yte, [1, 2, 30, 31, 500], num_classes=10)
+    assert accs[1][0] == accs[1][1]                                      # one neighbour: one voted class
+    assert accs[2][1] >= accs[2][0]
+    assert accs[31] == accs[500] == accs[30]                             # k > 30 train samples: all of them vote
+    # 3 classes (< 5): top-5 = "the label got a vote"; every class is among 30 neighbours, so 100
+    accs = eval_knn.knn_classify(xtr, ytr % 3, xte, yte % 3, [30], num_classes=3)
+    assert accs[30][1] == 100.0
+
+
+# ----------------------------------------------------------------------------- feature extraction
+
+class IndexImages(torch.utils.data.Dataset):
+    """Item i: an 'image' filled with i, label i % 3."""
+
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, i):
+        return torch.full((3, 2, 2), float(i)), i % 3
+
+
+class ReadIndex(nn.Module):
+    def forward(self, x):                                                # (B, 3, 2, 2) -> (B, 2)
+        return torch.stack([x[:, 0, 0, 0], -2 * x[:, 0, 0, 0]], dim=1)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def extract_worker(rank, world_size, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    f, y = eval_knn.extract_features(ReadIndex(), IndexImages(), torch.device("cpu"), batch_size=2,
+                                     rank=rank, world_size=world_size)
+    torch.save((f, y), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_distributed_extraction_keeps_dataset_order(tmp_path):
+    single = eval_knn.extract_features(ReadIndex(), IndexImages(), torch.device("cpu"), batch_size=3)
+    index = torch.arange(7.0)
+    torch.testing.assert_close(single[0], torch.stack([index, -2 * index], 1))
+    assert single[1].tolist() == [i % 3 for i in range(7)]
+    out = str(tmp_path / "feats")
+    mp.start_processes(extract_worker, args=(2, free_port(), out), nprocs=2, start_method="fork")
+    for rank in range(2):                                                # 7 images on 2 processes: 4 + 3, no padding
+        f, y = torch.load(f"{out}.{rank}")
+        torch.testing.assert_close(f, single[0], rtol=0, atol=0)
+        assert torch.equal(y, single[1])
+
+
+# ----------------------------------------------------------------------------- checkpoint layouts
+
+LAYOUTS = ["own_teacher", "own_student", "bare", "dino_full", "dinov2_chunked"]
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return vit.vit_tiny(patch_size=8, img_size=16, **kw).eval()
+
+
+def layout_checkpoint(layout, src, other, src_v2):
+    """(checkpoint dict in one supported layout, which network to ask for, the source model it holds)."""
+    sd, sd_other = src.state_dict(), other.state_dict()
+    if layout in ("own_teacher", "own_student"):                 # this project's training scripts
+        which = layout.split("_")[1]
+        nets = {"teacher": sd, "student": sd_other} if which == "teacher" else {"teacher": sd_other, "student": sd}
+        ckpt = {k: {**{f"backbone.{n}": v for n, v in s.items()}, "head.mlp.0.weight": torch.zeros(8, 192)}
+                for k, s in nets.items()}
+        ckpt.update(optimizer={}, epoch=1, iteration=10, args={"arch": "vit_tiny", "patch_size": 8, "seed": 0})
+        return ckpt, which, src
+    if layout == "bare":                                          # hub files: dino_deitsmall16_pretrain.pth
+        return {k: v for k, v in sd.items() if k != "mask_token"}, "teacher", src
+    if layout == "dino_full":                                     # DINO's checkpoint.pth, DDP prefixes in the student
+        ckpt = {"teacher": {**{f"backbone.{n}": v for n, v in sd.items() if n != "mask_token"},
+                            "head.last_layer.weight_g": torch.ones(16, 1)},
+                "student": {f"module.backbone.{n}": v for n, v in sd_other.items()}, "epoch": 100,
+                "dino_loss": {"center": torch.zeros(1, 16)}}
+        return ckpt, "teacher", src
+    ckpt = {"teacher": {"ibot_head.mlp.0.weight": torch.zeros(8, 192)}, "iteration": 5}   # DINOv2: FSDP block chunks
+    for n, v in src_v2.state_dict().items():
+        if n.startswith("blocks."):
+            i = int(n.split(".")[1])
+            n = f"blocks.{i // 3}.{i}." + n.split(".", 2)[2]
+        ckpt["teacher"][f"backbone.{n}"] = v
+    return ckpt, "teacher", src_v2
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """{layout: (path, which, source model)} and the other network of the two-network files."""
+    tmp = tmp_path_factory.mktemp("layouts")
+    src, other, src_v2 = tiny(0), tiny(1), tiny(2, num_register_tokens=4, layerscale=0.1)
+    files = {}
+    for layout in LAYOUTS:
+        ckpt, which, model = layout_checkpoint(layout, src, other, src_v2)
+        torch.save(ckpt, tmp / f"{layout}.pth")
+        files[layout] = (str(tmp / f"{layout}.pth"), which, model)
+    return files, other
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_checkpoint_layouts_give_the_source_features(layout, layouts):
+    files, other = layouts
+    path, which, src = files[layout]
+    model, args = eval_knn.load_backbone(path, which)
+    assert eval_knn.arch_name(model) == "vit_tiny/8"
+    assert model.num_register_tokens == src.num_register_tokens
+    images = torch.utils.data.TensorDataset(torch.randn(5, 3, 16, 16), torch.arange(5))
+    f, y = eval_knn.extract_features(model, images, torch.device("cpu"), batch_size=2)
+    torch.testing.assert_close(f, src(images.tensors[0]))
+    assert torch.equal(y, torch.arange(5))
+    assert not torch.allclose(f, other(images.tensors[0]))             # not the other network of the file
+    assert args.get("seed", 0) == 0
+
+
+def test_student_asked_of_a_file_without_one(layouts, tmp_path):
+    path = tmp_path / "teacher_only.pth"
+    torch.save({"teacher": torch.load(layouts[0]["dino_full"][0])["teacher"]}, path)
+    with pytest.raises(vit.CheckpointError, match="no 'student' network"):
+        eval_knn.load_backbone(str(path), "student")
+
+
+@pytest.mark.parametrize("method", ["simdino", "simdinov2", "dino", "dinov2"])
+def test_compare_init_rebuilds_the_training_runs_initial_network(method, tmp_path):
+    """A training script seeds, then builds student and teacher: --compare_init gets that teacher back
+    (registers, layerscale and its initial value, seed all read from the checkpoint)."""
+    script = pytest.importorskip(method)
+    argv = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16", "--seed", "5",
+            "--proj_hidden_dim", "32", "--proj_dim", "8"] + (["--out_dim", "32"] if "dino" == method[:4] else [])
+    args = script.get_args(argv)
+    torch.manual_seed(5)
+    student, teacher = script.build_networks(args)
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "args": vars(args)}, tmp_path / "c.pth")
+    model, ckpt_args = eval_knn.load_backbone(str(tmp_path / "c.pth"))
+    seed, layerscale = eval_knn.init_settings(eval_knn.get_args([]), ckpt_args)
+    twin = eval_knn.random_twin(model, seed, layerscale)
+    assert seed == 5 and twin.num_register_tokens == getattr(args, "num_register_tokens", 0)
+    assert twin.pos_embed_antialias == getattr(args, "pos_embed_antialias", False)
+    for n, v in teacher.backbone.state_dict().items():
+        torch.testing.assert_close(twin.state_dict()[n], v, rtol=0, atol=0, msg=n)
+
+
+# ----------------------------------------------------------------------------- the script
+
+def test_main_end_to_end_with_compare_init_and_saved_features(layouts, tmp_path, capsys):
+    path = layouts[0]["own_teacher"][0]
+    out = tmp_path / "knn.json"
+    eval_knn.main(eval_knn.get_args(["--checkpoint", path, *SMALL, "--compare_init", "--output_json", str(out),
+                                     "--save_features", str(tmp_path / "f")]))
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("k-NN")]
+    assert len(lines) == 2 and "vit_tiny/8 teacher" in lines[0] and "random init, seed 0" in lines[1]
+    assert lines[0].split(": ", 1)[1].startswith("k=20 top-1 ")
+    res = json.loads(out.read_text())
+    assert res["backbone"] == "vit_tiny/8" and res["num_train"] == res["num_val"] == 30 and res["num_classes"] == 10
+    assert set(res["knn"]) == set(res["init"]["knn"]) == {"10", "20", "100", "200"}
+    for accs in (res["knn"], res["init"]["knn"]):
+        assert all(0 <= a["top1"] <= a["top5"] <= 100 for a in accs.values())
+    assert res["knn"]["100"] == res["knn"]["200"]                       # both clamped to the 30 train images
+    # the saved features give the same numbers without the backbone; default JSON next to them
+    eval_knn.main(eval_knn.get_args(["--load_features", str(tmp_path / "f")]))
+    again = json.loads((tmp_path / "f" / "features_knn.json").read_text())
+    assert again["knn"] == res["knn"]
+    init = torch.load(tmp_path / "f" / "knn_features_init.pth")
+    assert init["train_features"].shape == (30, 192) and init["test_labels"].tolist() == [i % 10 for i in range(30)]
+
+
+def assert_clean_error(returncode, stderr, phrase):
+    assert returncode != 0
+    assert "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and phrase in last, stderr
+
+
+def test_bad_input_from_the_command_line(layouts, tmp_path):
+    """Run as a user does (each run pays for importing torch, so they run side by side)."""
+    torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, tmp_path / "resnet.pth")
+    (tmp_path / "empty").mkdir()
+    cases = [(["--checkpoint", str(tmp_path / "nope.pth")], "does not exist"),
+             (["--checkpoint", str(tmp_path / "resnet.pth")], "no ViT backbone"),
+             (["--checkpoint", layouts[0]["bare"][0], "--data", str(tmp_path / "empty")], "no class sub-folders")]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "eval_knn.py"), *argv, *SMALL[2:]], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv, _ in cases]
+    for p, (_, phrase) in zip(procs, cases):
+        _, stderr = p.communicate(timeout=300)
+        assert_clean_error(p.returncode, stderr, phrase)
+
+
+@pytest.mark.parametrize("case", ["unknown size", "crop not divisible", "no checkpoint", "crop > resize"])
+def test_bad_input_in_process(case, layouts, tmp_path, capsys):
+    odd = vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=64, depth=2, num_heads=2)   # no known size
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in odd.state_dict().items()}}, tmp_path / "odd.pth")
+    good = layouts[0]["own_teacher"][0]
+    argv, phrase = {"unknown size": (["--checkpoint", str(tmp_path / "odd.pth"), *SMALL], "width 64 and depth 2"),
+                    "crop not divisible": (["--checkpoint", good, *SMALL, "--crop_size", "12"],
+                                           "not divisible by the patch size 8"),
+                    "no checkpoint": (SMALL, "pass --checkpoint"),
+                    "crop > resize": (["--checkpoint", good, *SMALL, "--crop_size", "24"], "larger than --resize_size")}[case]
+    with pytest.raises(SystemExit) as e:
+        eval_knn.cli(argv)
+    assert_clean_error(1, str(e.value.code), phrase)
