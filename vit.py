@@ -16,7 +16,9 @@ Parameter names follow the DINO and DINOv2 releases (`cls_token`, `pos_embed`,
     cls = model(images)                                # (B, D) final-norm CLS feature
     out = model.forward_features(images)               # dict: cls (B, D), registers (B, R, D), patches (B, N, D)
 """
+import argparse
 import math
+import pickle
 import re
 
 import torch
@@ -231,14 +233,17 @@ def backbone_state_dict(checkpoint, which="teacher"):
     scripts) or `model` / `state_dict`, with `module.` (DDP), `_orig_mod.` (torch.compile)
     and `backbone.` prefixes, and DINOv2's FSDP block chunks (`blocks.<chunk>.<i>.`).
     """
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"the checkpoint holds a {type(checkpoint).__name__}, not a state dict: pass a "
+                              f"DINO / DINOv2 / SimDINO / SimDINOv2 or this project's checkpoint")
     sd = checkpoint
-    if which in sd and isinstance(sd[which], dict):
+    networks = [k for k in ("teacher", "student") if isinstance(sd.get(k), dict)]
+    if which in networks:
         sd = sd[which]
+    elif networks:
+        raise CheckpointError(f"the checkpoint holds no '{which}' network, only {' and '.join(networks)}")
     else:
-        for key in ("model", "state_dict", "teacher", "student"):
-            if key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-                break
+        sd = next((sd[k] for k in ("model", "state_dict") if isinstance(sd.get(k), dict)), sd)
     out = {}
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
@@ -283,10 +288,18 @@ def load_state_dict(model, sd):
 
 
 def read_checkpoint(path):
+    """torch.load with weights_only=True: a checkpoint cannot run code. DINO's full checkpoints keep
+    their arguments as an argparse.Namespace, which is allowed."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint '{path}' does not exist: pass the path of a .pth file") from None
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):      # not a pickle of allowed objects: not a checkpoint at all
+            raise CheckpointError(f"checkpoint '{path}' could not be read (UnpicklingError): is it a PyTorch .pth file?") from None
+        raise CheckpointError(f"checkpoint '{path}' holds Python objects beyond tensors, which are not loaded: if you "
+                              f"trust it, torch.load(path, weights_only=False) it yourself and pass the dict") from None
     except Exception as e:
         raise CheckpointError(f"checkpoint '{path}' could not be read ({type(e).__name__}): is it a PyTorch .pth file?") from None
 

@@ -1,3 +1,4 @@
+import argparse
 import math
 
 import pytest
@@ -147,15 +148,17 @@ def assert_loaded(model, sd):
         torch.testing.assert_close(own[k], sd[k])
 
 
-def test_load_dino_backbone_and_full_checkpoint():
+def test_load_dino_backbone_and_full_checkpoint(tmp_path):
     sd = released_vit_state_dict(192, 12, 16, 14)                      # dino_deit{tiny}16_pretrain.pth layout
     m = vit.load_checkpoint(vit.vit_tiny(patch_size=16), sd)
     assert_loaded(m, sd)
     full = {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, "head.mlp.0.weight": torch.zeros(2048, 192),
                         "head.last_layer.weight_g": torch.ones(65536, 1)},
             "student": {f"module.backbone.{k}": -v for k, v in sd.items()},
-            "epoch": 100, "dino_loss": {"center": torch.zeros(1, 65536)}}
+            "epoch": 100, "dino_loss": {"center": torch.zeros(1, 65536)}, "args": argparse.Namespace(arch="vit_tiny")}
     assert_loaded(vit.load_checkpoint(vit.vit_tiny(patch_size=16), full), sd)
+    torch.save(full, tmp_path / "dino_full_checkpoint.pth")                    # DINO keeps its args as a Namespace
+    assert_loaded(vit.vit_from_checkpoint(str(tmp_path / "dino_full_checkpoint.pth")), sd)
     student = vit.load_checkpoint(vit.vit_tiny(patch_size=16), full, which="student")
     torch.testing.assert_close(student.cls_token, -sd["cls_token"])
     inferred = vit.vit_from_checkpoint(full)
@@ -213,8 +216,15 @@ def test_wrong_architecture_and_bad_files(tmp_path):
         vit.load_checkpoint(vit.vit_small(patch_size=16, layerscale=0.1), sd)
     with pytest.raises(vit.CheckpointError, match="does not exist"):
         vit.vit_from_checkpoint(str(tmp_path / "nope.pth"))
+    torch.save({"teacher": sd, "hook": print}, tmp_path / "code.pth")          # a pickled callable is not run
+    with pytest.raises(vit.CheckpointError, match="beyond tensors"):
+        vit.vit_from_checkpoint(str(tmp_path / "code.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(vit.CheckpointError, match="could not be read"):
         vit.vit_from_checkpoint(str(tmp_path / "junk.pth"))
+    with pytest.raises(vit.CheckpointError, match="holds a Tensor, not a state dict"):
+        vit.vit_from_checkpoint(torch.zeros(3))
+    with pytest.raises(vit.CheckpointError, match="holds no 'student' network, only teacher"):
+        vit.load_checkpoint(vit.vit_small(patch_size=16), {"teacher": sd}, which="student")
     with pytest.raises(vit.CheckpointError, match="holds no ViT backbone"):
         vit.vit_from_checkpoint({"teacher": {"head.mlp.0.weight": torch.zeros(2, 2)}})
