@@ -194,9 +194,7 @@ def build_networks(args):
     student = Network(backbone, DINOHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.out_dim,
                                          args.norm_last_layer))
     teacher = copy.deepcopy(student)
-    for blk in teacher.backbone.blocks:
-        blk.drop_path = 0.0                   # the teacher's forward is deterministic
-    teacher.requires_grad_(False)
+    teacher.requires_grad_(False).eval()      # eval: no stochastic depth, the teacher's forward is deterministic
     return student, teacher
 
 

@@ -246,9 +246,7 @@ def build_networks(args):
                              norm_last_layer=args.norm_last_layer)
     student = Network(backbone, head(args.out_dim), head(args.ibot_out_dim) if args.ibot_separate_head else None)
     teacher = copy.deepcopy(student)
-    for blk in teacher.backbone.blocks:
-        blk.drop_path = 0.0                   # the teacher's forward is deterministic
-    teacher.requires_grad_(False)
+    teacher.requires_grad_(False).eval()      # eval: no stochastic depth, the teacher's forward is deterministic
     return student, teacher
 
 

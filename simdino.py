@@ -165,9 +165,7 @@ def build_networks(args):
     backbone.mask_token.requires_grad_(False)  # SimDINO never masks; DDP wants every trained parameter used
     student = Network(backbone, Projector(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim))
     teacher = copy.deepcopy(student)
-    for blk in teacher.backbone.blocks:
-        blk.drop_path = 0.0                   # the teacher's forward is deterministic
-    teacher.requires_grad_(False)
+    teacher.requires_grad_(False).eval()      # eval: no stochastic depth, the teacher's forward is deterministic
     return student, teacher
 
 

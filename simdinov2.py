@@ -197,9 +197,7 @@ def build_networks(args):
                              pos_embed_antialias=args.pos_embed_antialias)
     student = Network(backbone, Projector(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim))
     teacher = copy.deepcopy(student)
-    for blk in teacher.backbone.blocks:
-        blk.drop_path = 0.0                   # the teacher's forward is deterministic
-    teacher.requires_grad_(False)
+    teacher.requires_grad_(False).eval()      # eval: no stochastic depth, the teacher's forward is deterministic
     return student, teacher
 
 

@@ -32,11 +32,11 @@ class CheckpointError(Exception):
 
 # ----------------------------------------------------------------------------- modules
 
-def drop_path(x, p: float, training: bool):
-    """Stochastic depth: drop the residual branch for a random subset of samples."""
-    if p == 0.0 or not training:
+def drop_path(x, p, training: bool):
+    """Stochastic depth: drop the residual branch for a random subset of samples, with probability p (0-dim tensor)."""
+    if not training:
         return x
-    keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    keep = (torch.rand(x.shape[0], *(1,) * (x.ndim - 1), device=x.device) >= p).to(x.dtype)  # (B, 1, 1)
     return x * keep / (1 - p)
 
 
@@ -84,11 +84,12 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
-        self.drop_path = drop_path
+        # a buffer, not a float: torch.compile would specialise each block on its own rate and recompile per block
+        self.register_buffer("drop_prob", torch.tensor(float(drop_path)), persistent=False)
 
     def forward(self, x):
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
-        x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_prob, self.training)
+        x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_prob, self.training)
         return x
 
 
