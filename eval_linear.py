@@ -19,10 +19,7 @@ the shorter side to 256 (bicubic), centre crop 224 (the SimDINO paper's Appendix
         --resize_size 36 --crop_size 32 --epochs 10 --compare_init        # trained vs. the same net at init
 """
 import argparse
-import json
 import math
-import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -32,7 +29,9 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import vit
-from data import IMAGENET_MEAN, IMAGENET_STD, DataError, build_dataset
+from data import IMAGENET_MEAN, IMAGENET_STD, DataError
+from eval_knn import (arch_name, build_splits, check_crop, default_json, eval_transform, fail, init_distributed,
+                      init_settings, load_backbone, random_twin, write_json)  # the loading and data code both share
 
 DINOV2_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
 
@@ -178,114 +177,6 @@ def train_transform(crop_size):
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-
-
-# ----------------------------------------------------------------------------- backbone and data (as in eval_knn.py)
-
-def fail(msg):
-    """Stop with a one-line message and a non-zero exit code, no traceback."""
-    sys.exit(f"error: {msg}")
-
-
-def init_distributed():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def arch_name(model):
-    """'vit_small/16' for a ViT-S with 16 px patches."""
-    arch = next(a for a, (d, L, _) in vit.ARCHS.items() if d == model.embed_dim and L == len(model.blocks))
-    return f"{arch}/{model.patch_size}"
-
-
-def load_backbone(path, which="teacher"):
-    """(ViT with the checkpoint's weights, the checkpoint's training args as a dict, possibly empty)."""
-    ckpt = vit.read_checkpoint(path)
-    if not isinstance(ckpt, dict):
-        raise vit.CheckpointError(f"checkpoint '{path}' holds a {type(ckpt).__name__}, not a state dict: "
-                                  f"pass a DINO / DINOv2 / SimDINO / SimDINOv2 or this project's checkpoint")
-    held = [k for k in ("teacher", "student") if isinstance(ckpt.get(k), dict)]
-    if held and which not in held:
-        raise vit.CheckpointError(f"checkpoint '{path}' holds no '{which}' network (only {', '.join(held)}): "
-                                  f"pass --checkpoint_key {held[0]}")
-    args = ckpt.get("args", {})
-    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, dict) else {}
-    # the v2 recipes resize position embeddings with anti-aliasing: evaluate as trained (matters off 224 px only)
-    model = vit.vit_from_checkpoint(ckpt, which=which, pos_embed_antialias=bool(args.get("pos_embed_antialias")))
-    return model.eval(), args
-
-
-def random_twin(model, seed, layerscale=0.1):
-    """The same architecture freshly initialised after torch.manual_seed(seed), built as the training scripts build
-    their backbone, so a run's own checkpoint gets back the network it started from. `layerscale` is the initial
-    value of the layerscale weights, used only if the model has them (the trained weights do not tell it)."""
-    torch.manual_seed(seed)
-    arch = arch_name(model).split("/")[0]
-    grid = math.isqrt(model.pos_embed.shape[1] - 1)
-    has_ls = isinstance(model.blocks[0].ls1, vit.LayerScale)
-    twin = vit.build_vit(arch, img_size=grid * model.patch_size, patch_size=model.patch_size,
-                         num_register_tokens=model.num_register_tokens, layerscale=layerscale if has_ls else None,
-                         pos_embed_antialias=model.pos_embed_antialias)
-    return twin.to(model.pos_embed.device).eval()
-
-
-def init_settings(args, ckpt_args):
-    """(seed, layerscale) of the --compare_init network: --seed, else the run's own seed, else 0; the run's initial
-    layerscale if its args record it, else 0.1 (SimDINOv2, Table 4)."""
-    seed = args.seed if args.seed is not None else int(ckpt_args.get("seed", 0))
-    ls = ckpt_args.get("layerscale")
-    return seed, float(ls) if isinstance(ls, (int, float)) and ls > 0 else 0.1
-
-
-def eval_transform(resize_size, crop_size):
-    """Appendix A / DINO: bicubic resize of the shorter side, centre crop, ImageNet normalisation."""
-    return transforms.Compose([
-        transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(crop_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-def check_crop(args, model):
-    if args.crop_size % model.patch_size:
-        fail(f"--crop_size {args.crop_size} is not divisible by the patch size {model.patch_size} of the checkpoint: "
-             f"use a multiple of {model.patch_size}, e.g. {max(1, round(args.crop_size / model.patch_size)) * model.patch_size}")
-
-
-def build_splits(args, train_transform, val_transform):
-    """(train, val) datasets of --data with the same classes."""
-    train_set = build_dataset(args.data, train_transform, "train", args.on_bad_image)
-    val_set = build_dataset(args.data, val_transform, "val", args.on_bad_image)
-    if list(train_set.classes) != list(val_set.classes):
-        raise DataError(f"--data {args.data}: train has classes {train_set.classes[:3]}... ({len(train_set.classes)}) "
-                        f"but val has {val_set.classes[:3]}... ({len(val_set.classes)}): give both the same class folders")
-    return train_set, val_set
-
-
-def default_json(args, suffix):
-    if args.output_json:
-        return args.output_json
-    folder = args.output_dir or (args.load_features if getattr(args, "load_features", None) else None) \
-        or os.path.dirname(os.path.abspath(args.checkpoint))
-    stem = os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint else "features"
-    key = "" if args.checkpoint_key == "teacher" else f"_{args.checkpoint_key}"
-    return os.path.join(folder, f"{stem}{key}_{suffix}.json")
-
-
-def write_json(obj, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
 
 
 # ----------------------------------------------------------------------------- main
