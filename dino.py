@@ -147,8 +147,8 @@ class WeightNormLinear(nn.Module):
     def weight(self):                                               # (K, d), row k has norm g_k
         return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
 
-    def forward(self, x):                                           # (B, d)
-        return F.linear(x, self.weight)                             # (B, K)
+    def forward(self, x):                                           # (..., d)
+        return F.linear(x, self.weight)                             # (..., K)
 
 
 class DINOHead(nn.Module):
@@ -165,8 +165,8 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
         self.last_layer = WeightNormLinear(out_dim, num_prototypes, train_norm=not norm_last_layer)
 
-    def forward(self, x):                                           # (B, D)
-        x = F.normalize(self.mlp(x).float(), dim=-1)                # (B, d), unit norm
+    def forward(self, x):                                           # (..., D)
+        x = F.normalize(self.mlp(x).float(), dim=-1)                # (..., d), unit norm
         with torch.autocast(x.device.type, enabled=False):          # float32: bf16 would round a score near 1 by up
             return self.last_layer(x)                               # to 0.004, i.e. 0.1 after / tau_t. (B, K)
 

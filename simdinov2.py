@@ -164,8 +164,8 @@ class Projector(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):                        # (B, D)
-        return F.normalize(self.mlp(x), dim=-1)  # (B, d), unit norm
+    def forward(self, x):                        # (..., D)
+        return F.normalize(self.mlp(x), dim=-1)  # (..., d), unit norm
 
 
 class Network(nn.Module):
