@@ -501,8 +501,7 @@ def train(args):
                          f"is {ckpt_path}; resume it with --resume and a lower --lr or a larger --eps")
                 ips = done * global_batch / (time.time() - t0)
                 record = {"iteration": it, "epoch": epoch, "loss": loss_v, "distance": dist_v, "patch_distance": patch_v,
-                          "R_eps": R_v,
-                          "lr": lr_schedule[it], "wd": wd_schedule[it], "momentum": momentum, "images_per_s": ips,
+                          "R_eps": R_v, "lr": lr_schedule[it], "wd": wd_schedule[it], "momentum": momentum, "images_per_s": ips,
                           "skipped_images": getattr(dataset, "num_skipped", 0)}
                 if rank == 0:
                     bar.set_postfix(loss=f"{loss_v:.4f}", dist=f"{dist_v:.4f}", patch=f"{patch_v:.4f}", R=f"{R_v:.2f}",
