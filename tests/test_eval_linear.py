@@ -2,7 +2,6 @@
 processes, every checkpoint layout, the script end to end, bad input."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,8 @@ import torch.multiprocessing as mp
 
 import eval_linear
 import vit
+from test_eval_knn import LAYOUTS, layouts  # noqa: F401 (layouts is a fixture)
+from test_simdino_dist import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "synthetic:40", "--resize_size", "18", "--crop_size", "16", "--num_workers", "0",
@@ -103,12 +104,6 @@ def test_features_concatenate_last_cls_tokens_and_pooled_patches():
 
 # ----------------------------------------------------------------------------- 1 vs 2 processes
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def probe_worker(rank, world_size, port, out):
     """Global batches of 8 samples: rank r takes samples 4r..4r+3 of each; DDP averages the gradients."""
     if world_size > 1:
@@ -144,54 +139,6 @@ def test_two_processes_train_the_same_heads_as_one(tmp_path):
 
 
 # ----------------------------------------------------------------------------- checkpoint layouts
-
-LAYOUTS = ["own_teacher", "own_student", "bare", "dino_full", "dinov2_chunked"]
-
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    return vit.vit_tiny(patch_size=8, img_size=16, **kw).eval()
-
-
-def layout_checkpoint(layout, src, other, src_v2):
-    """(checkpoint dict in one supported layout, which network to ask for, the source model it holds)."""
-    sd, sd_other = src.state_dict(), other.state_dict()
-    if layout in ("own_teacher", "own_student"):                 # this project's training scripts
-        which = layout.split("_")[1]
-        nets = {"teacher": sd, "student": sd_other} if which == "teacher" else {"teacher": sd_other, "student": sd}
-        ckpt = {k: {**{f"backbone.{n}": v for n, v in s.items()}, "head.mlp.0.weight": torch.zeros(8, 192)}
-                for k, s in nets.items()}
-        ckpt.update(optimizer={}, epoch=1, iteration=10, args={"arch": "vit_tiny", "patch_size": 8, "seed": 0})
-        return ckpt, which, src
-    if layout == "bare":                                          # hub files: dino_deitsmall16_pretrain.pth
-        return {k: v for k, v in sd.items() if k != "mask_token"}, "teacher", src
-    if layout == "dino_full":                                     # DINO's checkpoint.pth, DDP prefixes in the student
-        ckpt = {"teacher": {**{f"backbone.{n}": v for n, v in sd.items() if n != "mask_token"},
-                            "head.last_layer.weight_g": torch.ones(16, 1)},
-                "student": {f"module.backbone.{n}": v for n, v in sd_other.items()}, "epoch": 100,
-                "dino_loss": {"center": torch.zeros(1, 16)}}
-        return ckpt, "teacher", src
-    ckpt = {"teacher": {"ibot_head.mlp.0.weight": torch.zeros(8, 192)}, "iteration": 5}   # DINOv2: FSDP block chunks
-    for n, v in src_v2.state_dict().items():
-        if n.startswith("blocks."):
-            i = int(n.split(".")[1])
-            n = f"blocks.{i // 3}.{i}." + n.split(".", 2)[2]
-        ckpt["teacher"][f"backbone.{n}"] = v
-    return ckpt, "teacher", src_v2
-
-
-@pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
-    """{layout: (path, which, source model)} and the other network of the two-network files."""
-    tmp = tmp_path_factory.mktemp("layouts")
-    src, other, src_v2 = tiny(0), tiny(1), tiny(2, num_register_tokens=4, layerscale=0.1)
-    files = {}
-    for layout in LAYOUTS:
-        ckpt, which, model = layout_checkpoint(layout, src, other, src_v2)
-        torch.save(ckpt, tmp / f"{layout}.pth")
-        files[layout] = (str(tmp / f"{layout}.pth"), which, model)
-    return files, other
-
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_checkpoint_layouts_give_the_source_features(layout, layouts):
