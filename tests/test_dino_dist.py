@@ -5,7 +5,6 @@ mean teacher score over the global batch (all-reduced), so the loss, the gradien
 and the new centre do not depend on how the global batch is split over processes.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -14,16 +13,11 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import dino
+from test_simdino_dist import free_port
 
 GLOBAL_BATCH, K = 8, 16
 TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16", "--local_crops_size", "8",
         "--proj_hidden_dim", "64", "--proj_dim", "16", "--out_dim", str(K), "--drop_path_rate", "0"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup(rank, world_size, port):

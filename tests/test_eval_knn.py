@@ -3,7 +3,6 @@ every checkpoint layout, the script end to end, bad input."""
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ import torch.nn as nn
 
 import eval_knn
 import vit
+from test_simdino_dist import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "synthetic:30", "--resize_size", "18", "--crop_size", "16", "--num_workers", "0",
@@ -104,12 +104,6 @@ class IndexImages(torch.utils.data.Dataset):
 class ReadIndex(nn.Module):
     def forward(self, x):                                                # (B, 3, 2, 2) -> (B, 2)
         return torch.stack([x[:, 0, 0, 0], -2 * x[:, 0, 0, 0]], dim=1)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def extract_worker(rank, world_size, port, out):
