@@ -472,7 +472,7 @@ def train(args):
                     fail(f"loss is not finite at iteration {it} (epoch {epoch}): stopping. The last good checkpoint "
                          f"is {ckpt_path}; resume it with --resume and a lower --lr or --teacher_temp")
                 ips = done * global_batch / (time.time() - t0)
-                record = {"iteration": it, "epoch": epoch, "loss": loss_v, "teacher_entropy": H_v, "kl": loss_v - H_v,
+                record = {"iteration": it, "epoch": epoch, "time": time.time(), "loss": loss_v, "teacher_entropy": H_v, "kl": loss_v - H_v,
                           "lr": lr_schedule[it], "wd": wd_schedule[it], "momentum": momentum, "teacher_temp": teacher_temp,
                           "images_per_s": ips, "skipped_images": getattr(dataset, "num_skipped", 0)}
                 if rank == 0:

@@ -671,7 +671,7 @@ def train(args):
                     fail(f"loss is not finite at iteration {it} (epoch {epoch}): stopping. The last good checkpoint "
                          f"is {ckpt_path}; resume it with --resume and a lower --lr or --teacher_temp")
                 ips = done * global_batch / (time.time() - t0)
-                record = {"iteration": it, "epoch": epoch, "loss": loss_v, "dino": dino_v, "ibot": ibot_v,
+                record = {"iteration": it, "epoch": epoch, "time": time.time(), "loss": loss_v, "dino": dino_v, "ibot": ibot_v,
                           "koleo": koleo_v, "teacher_temp": teacher_temp,
                           "lr": lr_schedule[it], "wd": wd_schedule[it], "momentum": momentum, "images_per_s": ips,
                           "skipped_images": getattr(dataset, "num_skipped", 0)}

@@ -500,7 +500,7 @@ def train(args):
                     fail(f"loss is not finite at iteration {it} (epoch {epoch}): stopping. The last good checkpoint "
                          f"is {ckpt_path}; resume it with --resume and a lower --lr or a larger --eps")
                 ips = done * global_batch / (time.time() - t0)
-                record = {"iteration": it, "epoch": epoch, "loss": loss_v, "distance": dist_v, "patch_distance": patch_v,
+                record = {"iteration": it, "epoch": epoch, "time": time.time(), "loss": loss_v, "distance": dist_v, "patch_distance": patch_v,
                           "R_eps": R_v, "lr": lr_schedule[it], "wd": wd_schedule[it], "momentum": momentum, "images_per_s": ips,
                           "skipped_images": getattr(dataset, "num_skipped", 0)}
                 if rank == 0:
