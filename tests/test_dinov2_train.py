@@ -44,7 +44,7 @@ def run_centering(tmp_path_factory):
 def test_log_schedules_and_checkpoint(run_sk):
     log = read_log(run_sk)
     assert [r["iteration"] for r in log] == list(range(8))
-    assert set(log[0]) == {"iteration", "epoch", "loss", "dino", "ibot", "koleo", "lr", "wd", "momentum",
+    assert set(log[0]) == {"iteration", "epoch", "time", "loss", "dino", "ibot", "koleo", "lr", "wd", "momentum",
                            "teacher_temp", "images_per_s", "skipped_images"}
     for r in log:
         assert r["loss"] == pytest.approx(r["dino"] + r["ibot"] + 0.1 * r["koleo"], rel=1e-5, abs=1e-6)
