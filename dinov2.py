@@ -270,7 +270,7 @@ def sinkhorn_knopp(scores, temp, n_iterations=3):
     s, = at_least_float32(scores)
     with torch.autocast(s.device.type, enabled=False):
         n, K = s.shape
-        n_all = torch.tensor(float(n), dtype=s.dtype, device=s.device)             # samples on all processes
+        n_all = s.new_full((), float(n))                                           # samples on all processes
         top = s.amax(dim=0) if n else s.new_full((K,), -math.inf)                  # (K,) best score of each prototype
         if dist.is_initialized():
             dist.all_reduce(n_all)
@@ -312,7 +312,7 @@ def update_center(center, scores, momentum):
     """
     s, = at_least_float32(scores)
     s = s.reshape(-1, s.shape[-1])                                                  # (n, K)
-    stats = torch.cat([s.sum(0), s.new_tensor([len(s)])])                           # (K + 1,) sum, count
+    stats = torch.cat([s.sum(0), s.new_full((1,), len(s))])                         # (K + 1,) sum, count (no host copy)
     if dist.is_initialized():
         dist.all_reduce(stats)
     total, count = stats[:-1].to(center.dtype), stats[-1].to(center.dtype)
