@@ -57,6 +57,12 @@ def get_args(argv=None):
                    help="Stochastic depth of the student, rising linearly over the blocks (Table 4, v1 family: 0.1).")
     p.add_argument("--num_register_tokens", default=0, type=int,
                    help="Register tokens (Darcet et al. 2024). The DINO recipe uses none; DINOv2's later recipes use 4.")
+    p.add_argument("--interpolate_offset", default=0.1, type=float,
+                   help="""How the position embeddings are resized for crops of another size (the 96 px local crops):
+                   bicubic with scale_factor (grid + offset) / stored grid, as DINO and SimDINO release it (0.1);
+                   0 resizes to the grid exactly (DINOv2's register models, SimDINOv2).""")
+    p.add_argument("--interpolate_antialias", default=False, action=argparse.BooleanOptionalAction,
+                   help="Anti-aliased bicubic resizing of the position embeddings (DINO and SimDINO: off).")
     p.add_argument("--proj_hidden_dim", default=2048, type=int, help="Hidden width of the 3-layer projector MLP (released: 2048).")
     p.add_argument("--proj_dim", default=256, type=int,
                    help="Bottleneck dimension: the MLP's output, L2-normalised before the prototype layer (released: 256).")
@@ -189,7 +195,8 @@ class Network(nn.Module):
 def build_networks(args):
     """Student and teacher start identical; the teacher is never trained by gradients."""
     backbone = vit.build_vit(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate,
-                             img_size=args.global_crops_size, num_register_tokens=args.num_register_tokens)
+                             img_size=args.global_crops_size, num_register_tokens=args.num_register_tokens,
+                             interpolate_offset=args.interpolate_offset, interpolate_antialias=args.interpolate_antialias)
     backbone.mask_token.requires_grad_(False)  # DINO never masks; DDP wants every trained parameter used
     student = Network(backbone, DINOHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.out_dim,
                                          args.norm_last_layer))

@@ -31,6 +31,17 @@ import vit
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError, build_dataset
 
 
+def add_interpolation_args(p):
+    p.add_argument("--interpolate_offset", default=None, type=float,
+                   help="""Position-embedding resizing at crops other than the stored grid (a released DINOv2 file is
+                   stored at 518 px): bicubic with scale_factor (grid + offset) / stored grid, or to the grid exactly
+                   with 0. Default: the checkpoint's own (this project's files store it; register models and
+                   SimDINOv2: 0; DINO, SimDINO and DINOv2 without registers: 0.1).""")
+    p.add_argument("--interpolate_antialias", default=None, action=argparse.BooleanOptionalAction,
+                   help="""Anti-aliased resizing of the position embeddings. Default: the checkpoint's own (register
+                   models and SimDINOv2: on; DINO, SimDINO and DINOv2 without registers: off).""")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser("eval_knn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Backbone
@@ -40,6 +51,7 @@ def get_args(argv=None):
                    patch size, registers, layerscale) is read off the weights.""")
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
                    help="Which network of a training checkpoint to evaluate (DINO's eval_knn: teacher).")
+    add_interpolation_args(p)
     p.add_argument("--compare_init", action="store_true",
                    help="""Also evaluate the same architecture freshly initialised (torch.manual_seed(--seed), built as
                    the training scripts build it) and print both lines: what training added over the random network.""")
@@ -202,13 +214,16 @@ def arch_name(model):
     return f"{arch}/{model.patch_size}"
 
 
-def load_backbone(path, which="teacher"):
-    """(ViT with the checkpoint's weights, the checkpoint's training args as a dict, possibly empty)."""
+def load_backbone(path, which="teacher", interpolate_offset=None, interpolate_antialias=None):
+    """(ViT with the checkpoint's weights, the checkpoint's training args as a dict, possibly empty).
+
+    The position embeddings are resized (at crops other than the stored grid) as the checkpoint's own
+    code does it (vit.released_interpolation), unless interpolate_offset / interpolate_antialias are given."""
     ckpt = vit.read_checkpoint(path)
     args = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}   # vit_from_checkpoint rejects non-dicts
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, dict) else {}
-    # the v2 recipes resize position embeddings with anti-aliasing: evaluate as trained (matters off 224 px only)
-    model = vit.vit_from_checkpoint(ckpt, which=which, pos_embed_antialias=bool(args.get("pos_embed_antialias")))
+    model = vit.vit_from_checkpoint(ckpt, which=which, interpolate_offset=interpolate_offset,
+                                    interpolate_antialias=interpolate_antialias)
     return model.eval(), args
 
 
@@ -222,7 +237,7 @@ def random_twin(model, seed, layerscale=0.1):
     has_ls = isinstance(model.blocks[0].ls1, vit.LayerScale)
     twin = vit.build_vit(arch, img_size=grid * model.patch_size, patch_size=model.patch_size,
                          num_register_tokens=model.num_register_tokens, layerscale=layerscale if has_ls else None,
-                         pos_embed_antialias=model.pos_embed_antialias)
+                         interpolate_offset=model.interpolate_offset, interpolate_antialias=model.interpolate_antialias)
     return twin.to(model.pos_embed.device).eval()
 
 
@@ -327,7 +342,8 @@ def main(args):
         path, feats = load_saved_features(args.load_features)
         info, runs = {"features": path}, [("checkpoint", f"features from {path}", feats)]
     else:
-        model, ckpt_args = load_backbone(args.checkpoint, args.checkpoint_key)
+        model, ckpt_args = load_backbone(args.checkpoint, args.checkpoint_key, args.interpolate_offset,
+                                         args.interpolate_antialias)
         check_crop(args, model)
         transform = eval_transform(args.resize_size, args.crop_size)
         train_set, val_set = build_splits(args, transform, transform)

@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 import vit
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError
-from eval_knn import (arch_name, build_splits, check_crop, default_json, eval_transform, fail, init_distributed,
-                      init_settings, load_backbone, random_twin, write_json)  # the loading and data code both share
+from eval_knn import (add_interpolation_args, arch_name, build_splits, check_crop, default_json, eval_transform, fail,
+                      init_distributed, init_settings, load_backbone, random_twin, write_json)  # the loading and data code both share
 
 DINOV2_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
 
@@ -45,6 +45,7 @@ def get_args(argv=None):
                    patch size, registers, layerscale) is read off the weights.""")
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
                    help="Which network of a training checkpoint to evaluate (DINO's eval_linear: teacher).")
+    add_interpolation_args(p)
     p.add_argument("--compare_init", action="store_true",
                    help="""Also probe the same architecture freshly initialised (torch.manual_seed(--seed), built as
                    the training scripts build it) and print both lines: what training added over the random network.""")
@@ -232,7 +233,8 @@ def summary(accs, args, world_size):
 def main(args):
     rank, world_size, device = init_distributed()
     check_args(args)
-    model, ckpt_args = load_backbone(args.checkpoint, args.checkpoint_key)
+    model, ckpt_args = load_backbone(args.checkpoint, args.checkpoint_key, args.interpolate_offset,
+                                     args.interpolate_antialias)
     check_crop(args, model)
     small = model.embed_dim <= vit.ARCHS["vit_small"][0]
     if args.n_last_blocks is None:

@@ -60,8 +60,13 @@ def get_args(argv=None):
                    help="Register tokens (Darcet et al. 2024): SimDINOv2 uses 4 (Table 4).")
     p.add_argument("--layerscale", default=0.1, type=float,
                    help="Initial layerscale of every residual branch (Table 4, SimDINOv2: 0.1; DINOv2: 1e-5). 0 disables.")
-    p.add_argument("--pos_embed_antialias", default=True, action=argparse.BooleanOptionalAction,
-                   help="Anti-aliased bicubic interpolation of the position embeddings for other crop sizes (v2 family).")
+    p.add_argument("--interpolate_offset", default=0.0, type=float,
+                   help="""How the position embeddings are resized for crops of another size (the 96 px local crops):
+                   0 resizes to the grid exactly, as SimDINOv2's configs and DINOv2's register models do; 0.1 is
+                   DINOv2's ssl_default_config and DINO (bicubic with scale_factor (grid + 0.1) / stored grid).""")
+    p.add_argument("--interpolate_antialias", default=True, action=argparse.BooleanOptionalAction,
+                   help="""Anti-aliased bicubic resizing of the position embeddings (SimDINOv2's configs and DINOv2's
+                   register models: on; DINOv2's ssl_default_config and DINO: off).""")
     p.add_argument("--proj_hidden_dim", default=2048, type=int, help="Hidden width of the 3-layer projector MLP (released: 2048).")
     p.add_argument("--proj_dim", default=256, type=int,
                    help="""Output dimension d of the projector, the space where the loss lives (released: 256). The
@@ -194,7 +199,8 @@ def build_networks(args):
     backbone = vit.build_vit(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate,
                              img_size=args.global_crops_size, num_register_tokens=args.num_register_tokens,
                              drop_path_uniform=args.drop_path_uniform, layerscale=args.layerscale or None,
-                             pos_embed_antialias=args.pos_embed_antialias)
+                             interpolate_offset=args.interpolate_offset,
+                             interpolate_antialias=args.interpolate_antialias)
     student = Network(backbone, Projector(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim))
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False).eval()      # eval: no stochastic depth, the teacher's forward is deterministic

@@ -4,14 +4,15 @@ A plain pre-norm ViT (Dosovitskiy et al. 2021) as the DINO and DINOv2 authors us
 with the options the four recipes need: register tokens (Darcet et al. 2024),
 layerscale, stochastic depth, a learned mask token for masked image modelling, and
 position embeddings interpolated to any crop size so 224 px global and 96 px local
-crops go through one model. Attention runs through `F.scaled_dot_product_attention`,
+crops go through one model (bicubic, in DINO's or DINOv2's exact form: `interpolate_offset`,
+`interpolate_antialias`). Attention runs through `F.scaled_dot_product_attention`,
 which picks a fused (flash / memory-efficient) kernel on GPU.
 
 Parameter names follow the DINO and DINOv2 releases (`cls_token`, `pos_embed`,
 `patch_embed.proj`, `blocks.i.attn.qkv`, `blocks.i.ls1.gamma`, `register_tokens`,
 `mask_token`, `norm`), so the authors' checkpoints load without renaming:
 
-    model = vit_from_checkpoint("dinov2_vits14_reg4_pretrain.pth")   # architecture read off the weights
+    model = vit_from_checkpoint("dinov2_vits14_reg4_pretrain.pth")   # architecture and interpolation read off it
     model = vit_small(patch_size=16); load_checkpoint(model, "out/checkpoint.pth")
     cls = model(images)                                # (B, D) final-norm CLS feature
     out = model.forward_features(images)               # dict: cls (B, D), registers (B, R, D), patches (B, N, D)
@@ -102,17 +103,41 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)     # (B, H/p * W/p, D)
 
 
+def resize_pos_embed(pos_embed, h, w, offset, antialias):
+    """(1, 1 + g*g, D) position embeddings of a g x g grid -> (1, 1 + h*w, D), bicubic, in the two forms of the
+    released code. offset > 0 (DINO, SimDINO, DINOv2's default config, offset 0.1): F.interpolate with
+    scale_factor (h + offset) / g, so the kernel samples the grid at a stretch of (h + offset) / g, not h / g;
+    DINO added the offset against rounding the output size down. offset 0 (DINOv2's register models,
+    SimDINOv2): F.interpolate with size (h, w). antialias low-pass filters when shrinking (DINOv2's
+    interpolate_antialias). The CLS position is kept as is. Computed in float32 or better, returned in the
+    input's dtype.
+    """
+    g = math.isqrt(pos_embed.shape[1] - 1)
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    dtype = torch.promote_types(pos_embed.dtype, torch.float32)
+    patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2).to(dtype)          # (1, D, g, g)
+    resize = {"scale_factor": ((h + offset) / g, (w + offset) / g)} if offset else {"size": (h, w)}
+    patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=antialias, **resize)  # (1, D, h, w)
+    if patch_pos.shape[-2:] != (h, w):
+        raise ValueError(f"interpolate_offset {offset} resizes a {g}x{g} grid to {tuple(patch_pos.shape[-2:])}, "
+                         f"not {h}x{w}: use an offset in [0, 1)")
+    patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12, num_heads=6,
                  mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, drop_path_uniform=False, layerscale=None,
-                 num_register_tokens=0, pos_embed_antialias=False):
+                 num_register_tokens=0, interpolate_offset=0.1, interpolate_antialias=False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.num_register_tokens = num_register_tokens
-        self.pos_embed_antialias = pos_embed_antialias
+        # how position embeddings are resized to other grids: see resize_pos_embed (defaults: DINO's and DINOv2's)
+        self.interpolate_offset = interpolate_offset
+        self.interpolate_antialias = interpolate_antialias
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -141,17 +166,11 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def interpolate_pos_encoding(self, h, w):
-        """Position embeddings for an h x w patch grid, (1, 1 + h*w, D): bicubic resize of the stored grid."""
-        n = self.pos_embed.shape[1] - 1
-        g = math.isqrt(n)
+        """Position embeddings for an h x w patch grid, (1, 1 + h*w, D): the stored grid as is, or resized."""
+        g = math.isqrt(self.pos_embed.shape[1] - 1)
         if h == g and w == g:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)               # (1, D, g, g)
-        patch_pos = F.interpolate(patch_pos.float(), size=(h, w), mode="bicubic", align_corners=False,
-                                  antialias=self.pos_embed_antialias)                 # (1, D, h, w)
-        patch_pos = patch_pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return resize_pos_embed(self.pos_embed, h, w, self.interpolate_offset, self.interpolate_antialias)
 
     def prepare_tokens(self, x, masks=None):
         """(B, 3, H, W) images -> (B, 1 + R + N, D) tokens; masks (B, N) bool swaps patches for the mask token."""
@@ -262,10 +281,13 @@ def describe(model):
 
 
 def load_state_dict(model, sd):
-    """Load backbone weights, interpolating `pos_embed` if only the stored grid differs.
+    """Load backbone weights, resizing `pos_embed` if only the stored grid differs.
 
-    A missing `mask_token` is allowed (DINO checkpoints have none; it only matters for
-    masked training). Anything else that does not match raises a one-line CheckpointError.
+    The resize is the model's own (resize_pos_embed with its offset and antialias), so a
+    checkpoint stored at 518 px loaded into a 224 px model gives, at 224 px, the position
+    embeddings the released code interpolates at run time. A missing `mask_token` is allowed
+    (DINO checkpoints have none; it only matters for masked training). Anything else that
+    does not match raises a one-line CheckpointError.
     """
     own = model.state_dict()
     sd = dict(sd)
@@ -273,9 +295,8 @@ def load_state_dict(model, sd):
     if pe is not None and pe.shape != own["pos_embed"].shape and pe.shape[-1] == own["pos_embed"].shape[-1]:
         g, g_new = math.isqrt(pe.shape[1] - 1), math.isqrt(own["pos_embed"].shape[1] - 1)
         if g * g == pe.shape[1] - 1:  # the checkpoint was trained at another resolution: resize its grid
-            grid = pe[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
-            grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
-            sd["pos_embed"] = torch.cat([pe[:, :1].float(), grid.permute(0, 2, 3, 1).reshape(1, g_new * g_new, -1)], 1)
+            sd["pos_embed"] = resize_pos_embed(pe.float(), g_new, g_new, model.interpolate_offset,
+                                               model.interpolate_antialias)
     missing = [k for k in own if k not in sd and k != "mask_token"]
     unexpected = [k for k in sd if k not in own]
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
@@ -311,10 +332,23 @@ def load_checkpoint(model, checkpoint, which="teacher"):
     return load_state_dict(model, backbone_state_dict(ckpt, which))
 
 
-def vit_from_checkpoint(checkpoint, which="teacher", **kwargs):
+def released_interpolation(checkpoint, sd):
+    """(interpolate_offset, interpolate_antialias) the checkpoint's own code used, by its layout:
+    this project's checkpoints store theirs in `args` (older ones, without the keys, resized by size: offset 0);
+    a backbone with register tokens is a DINOv2 register model or SimDINOv2: (0, True); anything else is
+    DINO, SimDINO or an original DINOv2 model: (0.1, False)."""
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if isinstance(args, dict):        # this project writes a plain dict; DINO / SimDINO an argparse.Namespace
+        return (float(args.get("interpolate_offset", 0.0)),
+                bool(args.get("interpolate_antialias", args.get("pos_embed_antialias", False))))
+    return (0.0, True) if "register_tokens" in sd else (0.1, False)
+
+
+def vit_from_checkpoint(checkpoint, which="teacher", interpolate_offset=None, interpolate_antialias=None, **kwargs):
     """Build the ViT a checkpoint holds, its architecture read off the weights, and load it.
 
-    kwargs (e.g. `pos_embed_antialias=True`) are passed to the model.
+    The position-embedding interpolation is the checkpoint's own (released_interpolation) unless
+    interpolate_offset / interpolate_antialias are given. kwargs are passed to the model.
     """
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     sd = backbone_state_dict(ckpt, which)
@@ -322,6 +356,9 @@ def vit_from_checkpoint(checkpoint, which="teacher", **kwargs):
     if any(k not in sd for k in needed):
         raise CheckpointError(f"checkpoint holds no ViT backbone (no {', '.join(k for k in needed if k not in sd)}): "
                               f"pass a DINO / DINOv2 / SimDINO / SimDINOv2 or this project's checkpoint")
+    offset, antialias = released_interpolation(ckpt, sd)
+    kwargs["interpolate_offset"] = offset if interpolate_offset is None else interpolate_offset
+    kwargs["interpolate_antialias"] = antialias if interpolate_antialias is None else interpolate_antialias
     dim = sd["cls_token"].shape[-1]
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
     patch = sd["patch_embed.proj.weight"].shape[-1]

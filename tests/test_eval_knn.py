@@ -216,7 +216,7 @@ def test_compare_init_rebuilds_the_training_runs_initial_network(method, tmp_pat
     seed, layerscale = eval_knn.init_settings(eval_knn.get_args([]), ckpt_args)
     twin = eval_knn.random_twin(model, seed, layerscale)
     assert seed == 5 and twin.num_register_tokens == getattr(args, "num_register_tokens", 0)
-    assert twin.pos_embed_antialias == getattr(args, "pos_embed_antialias", False)
+    assert (twin.interpolate_offset, twin.interpolate_antialias) == (args.interpolate_offset, args.interpolate_antialias)
     for n, v in teacher.backbone.state_dict().items():
         torch.testing.assert_close(twin.state_dict()[n], v, rtol=0, atol=0, msg=n)
 
