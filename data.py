@@ -416,10 +416,12 @@ def _randint(rng, a, b):  # inclusive of b, like random.randint
 
 
 class BlockMaskGenerator:
-    """Masks of a (H, W) patch grid made of rectangles: each rectangle has a target area
-    ~ U[min_num_patches, min(max_num_patches, remaining)] and an aspect ratio
-    log-uniform in [min_aspect, max_aspect]; rectangles may overlap. Masks exactly the
-    requested count when it can, never more."""
+    """Masks of a (H, W) patch grid made of rectangles, as DINOv2's (and BEiT's) masking generator
+    draws them: each rectangle has a target area ~ U[min_num_patches, min(max_num_patches, remaining)]
+    and an aspect ratio log-uniform in [min_aspect, max_aspect], is placed only if both its sides are
+    strictly shorter than the grid's, and is kept if it adds 1..remaining new patches (rectangles may
+    overlap; one whose rounded area is under min_num_patches is kept too). Ten tries per rectangle;
+    masks never more than the requested count, and exactly that count in most draws."""
 
     def __init__(self, grid_size, min_num_patches=4, max_num_patches=None,
                  min_aspect=0.3, max_aspect=None):
@@ -436,15 +438,14 @@ class BlockMaskGenerator:
                 f"{self.min_num_patches}..{self.max_num_patches}, aspect "
                 f"{math.exp(self.log_aspect[0]):.2f}..{math.exp(self.log_aspect[1]):.2f})")
 
-    def _add_block(self, mask, max_new, min_block, rng):
-        """Try (10 times) to place one rectangle adding 1..max_new new patches."""
+    def _add_block(self, mask, max_new, rng):
+        """Try (10 times) to place one rectangle adding 1..max_new new patches; returns how many it added."""
         for _ in range(10):
             area = _uniform(rng, self.min_num_patches, max_new)
             aspect = math.exp(_uniform(rng, *self.log_aspect))
             h = int(round(math.sqrt(area * aspect)))
             w = int(round(math.sqrt(area / aspect)))
-            # blocks smaller than min_block would leave specks that are trivial to inpaint
-            if h * w < min_block or h > self.height or w > self.width:
+            if h >= self.height or w >= self.width:  # never a full row or column of the grid
                 continue
             top = _randint(rng, 0, self.height - h)
             left = _randint(rng, 0, self.width - w)
@@ -457,12 +458,10 @@ class BlockMaskGenerator:
 
     def __call__(self, num_masking_patches, generator):
         mask = np.zeros((self.height, self.width), dtype=bool)
-        # each block has >= min_num_patches, unless the whole request is smaller (tiny grids)
-        min_block = max(1, min(self.min_num_patches, num_masking_patches))
         count = 0
         while count < num_masking_patches:
             max_new = min(num_masking_patches - count, self.max_num_patches)
-            added = self._add_block(mask, max_new, min_block, generator)
+            added = self._add_block(mask, max_new, generator)
             if added == 0:
                 break  # no room for another block: stop a little short
             count += added
@@ -496,8 +495,9 @@ def collate_multicrop(samples, mask_generator=None, mask_ratio=(0.1, 0.5),
     n_crops = 2 * len(samples)
     N = mask_generator.num_patches
     n_masked = int(n_crops * mask_probability)
-    probs = np.linspace(mask_ratio[0], mask_ratio[1], n_masked + 1)
-    masks = [mask_generator(int(N * _uniform(rng, probs[j], probs[j + 1])), rng).flatten()
+    # float32 ratios, as DINOv2's collate computes them (torch.linspace): the same int() of N * ratio
+    probs = torch.linspace(mask_ratio[0], mask_ratio[1], n_masked + 1)
+    masks = [mask_generator(int(N * (probs[j] + (probs[j + 1] - probs[j]) * float(rng.random()))), rng).flatten()
              for j in range(n_masked)]
     masks += [torch.zeros(N, dtype=torch.bool)] * (n_crops - n_masked)
     order = list(range(n_crops))
