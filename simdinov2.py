@@ -114,7 +114,8 @@ def get_args(argv=None):
     p.add_argument("--patch_embed_lr_mult", default=0.2, type=float,
                    help="Extra lr factor of the patch embedding (DINOv2: 0.2).")
     p.add_argument("--min_lr", default=1e-6, type=float, help="Learning rate at the end of the cosine schedule.")
-    p.add_argument("--warmup_epochs", default=10, type=int, help="Epochs of linear learning-rate warm-up from 0 (Table 4: 10).")
+    p.add_argument("--warmup_epochs", default=10, type=int,
+                   help="Epochs of linear learning-rate warm-up from --min_lr, as the SimDINOv2 release starts it (Table 4: 10).")
     p.add_argument("--weight_decay", default=0.04, type=float, help="AdamW weight decay at the start (Table 4: 0.04).")
     p.add_argument("--weight_decay_end", default=0.4, type=float,
                    help="Weight decay at the end; cosine schedule in between (Table 4: 0.4). Biases and norms get none.")
@@ -443,7 +444,7 @@ def train(args):
 
     # ---- per-iteration schedules, as in the released recipe
     lr_schedule = cosine_schedule(args.lr * math.sqrt(global_batch / 1024), args.min_lr, args.epochs, iters_per_epoch,
-                                  args.warmup_epochs)                                   # square-root scaling rule
+                                  args.warmup_epochs, args.min_lr)   # square-root scaling; warm-up from min_lr, as released
     wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
     momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch)
 

@@ -9,6 +9,7 @@ import torch
 
 import dinov2
 import vit
+from test_simdinov2 import released_cosine_scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
@@ -53,6 +54,14 @@ def test_log_schedules_and_checkpoint(run_sk):
     assert log[0]["momentum"] == pytest.approx(0.992)
     # teacher temperature: linear per iteration over the first epoch (4 iterations), then constant
     assert [r["teacher_temp"] for r in log] == pytest.approx([0.04, 0.05, 0.06, 0.07, 0.07, 0.07, 0.07, 0.07])
+    # DINOv2's released schedules: lr warm-up from 0 (SimDINOv2's starts at min_lr), cosine to min_lr; wd and
+    # momentum cosine over the whole run
+    peak = 0.004 * (8 / 1024) ** 0.5
+    expected = {"lr": released_cosine_scheduler(peak, 1e-6, 8, 4, start_warmup_value=0.0),
+                "wd": released_cosine_scheduler(0.04, 0.4, 8), "momentum": released_cosine_scheduler(0.992, 1.0, 8),
+                "teacher_temp": released_cosine_scheduler(0.07, 0.07, 4, 4, start_warmup_value=0.04).tolist() + [0.07] * 4}
+    for key, values in expected.items():
+        assert [r[key] for r in log] == pytest.approx(list(values), rel=1e-12, abs=1e-15), key
     teacher = vit.vit_from_checkpoint(os.path.join(run_sk, "checkpoint.pth"))    # heads are not the ViT
     assert teacher.num_register_tokens == 4 and isinstance(teacher.blocks[0].ls1, vit.LayerScale)
     ckpt = load(run_sk, "checkpoint.pth")

@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -225,11 +226,26 @@ def run_a(tmp_path_factory):
     return out
 
 
+def released_cosine_scheduler(base_value, final_value, total_iters, warmup_iters=0, start_warmup_value=0.0):
+    """DINOv2's CosineScheduler (which the SimDINOv2 release uses), transcribed: its per-iteration values."""
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+    iters = np.arange(total_iters - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup, schedule))
+
+
 def test_training_log_schedule_and_checkpoint(run_a):
     log = read_log(run_a)
     assert [r["iteration"] for r in log] == list(range(8))
     assert log[3]["lr"] == pytest.approx(0.004 * (16 / 1024) ** 0.5)           # sqrt scaling, end of warm-up
-    assert log[0]["momentum"] == pytest.approx(0.9)
+    # the released schedules: lr warm-up from min_lr (not 0), then cosine to min_lr; weight decay and momentum cosine
+    peak, total, warmup = 0.004 * (16 / 1024) ** 0.5, 8, 4
+    expected = {"lr": released_cosine_scheduler(peak, 1e-6, total, warmup, start_warmup_value=1e-6),
+                "wd": released_cosine_scheduler(0.04, 0.4, total),
+                "momentum": released_cosine_scheduler(0.9, 1.0, total)}
+    for key, values in expected.items():
+        assert [r[key] for r in log] == pytest.approx(values.tolist(), rel=1e-12, abs=1e-15), key
+    assert log[0]["lr"] == pytest.approx(1e-6)
     gamma = simdinov2.released_gamma(16, 16)
     for r in log:
         assert r["loss"] == pytest.approx(r["distance"] + r["patch_distance"] - gamma * r["R_eps"], rel=1e-5, abs=1e-6)
