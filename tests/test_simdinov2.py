@@ -2,6 +2,7 @@
 1 vs 2 processes, end-to-end training, resume and bad input."""
 import itertools
 import json
+import math
 import os
 
 import numpy as np
@@ -72,6 +73,51 @@ def test_loss_matches_hand_formula(same_view_pairs, coding_rate_on, distance, lo
                                     distance, loss_weighting)
     assert abs(patch.item() - float(ref_patch)) < 1e-10
     assert abs(loss.item() - ref.item()) < 1e-10
+
+
+def released_simdinov2_loss(student_cls, teacher_cls, Zs_masked, Zt_masked, masks, world_size, eps_code):
+    """The released SimDINOv2 loss on one GPU, transcribed: its MCR loss on the CLS features of all crops
+    (-mean cos over the cross-view pairs, minus gamma times the mean over global views of
+    1/2 logdet(I + p/(m N eps_code) W^T W) with W = (student + teacher)/2, gamma = (p + N m)/(p N m)), plus its
+    cosine patch loss (-sum over masked patches of cos / (masked patches of their crop), divided by the number
+    of global crops), both weighted 1 as in the released config."""
+    n_crops, m, p = student_cls.shape
+    n_glob = teacher_cls.shape[0]
+    sim = F.cosine_similarity(teacher_cls.unsqueeze(1), student_cls.unsqueeze(0), dim=-1).mean(-1)  # (2, M)
+    sim.view(-1)[:: n_crops + 1].fill_(0)                                                          # same view
+    comp = sim.sum() / (n_glob * n_crops - n_glob)
+    W = (student_cls[:n_glob] + teacher_cls) / 2
+    scalar = p / (m * world_size * eps_code)
+    half_logdets = [0.5 * torch.logdet(torch.eye(p, dtype=W.dtype) + scalar * w.T @ w) for w in W]
+    expa = sum(half_logdets) / n_glob * (p + world_size * m) / (p * world_size * m)
+    cls_loss = -comp - expa
+    masks_weight = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
+    patch_loss = -(F.cosine_similarity(Zt_masked, Zs_masked, dim=-1) * masks_weight).sum() / masks.shape[0]
+    return cls_loss + patch_loss
+
+
+@pytest.mark.parametrize("B,masked_crops", [(4, [0, 3, 6]), (8, list(range(0, 16, 2))), (5, [1])])
+def test_printed_loss_is_the_released_loss_plus_known_constants(B, masked_crops):
+    """With the defaults, the printed loss = the released loss + 1 (the CLS term: 1/2||x - y||^2 = 1 - cos) +
+    (global crops with masked patches) / (all global crops) (the patch term: each masked crop's weights sum to
+    1). The second constant depends on the batch: int(2B * mask_probability) / 2B masked crops per batch."""
+    M_glo, M_loc, N, d, world_size, eps_code = 2, 3, 9, 6, 8, 0.05
+    g = torch.Generator().manual_seed(B)
+    zsg, zsl, ztg = unit(M_glo, B, d, seed=B + 1), unit(M_loc, B, d, seed=B + 2), unit(M_glo, B, d, seed=B + 3)
+    m = torch.zeros(M_glo * B, N, dtype=torch.bool)
+    for c in masked_crops:
+        m[c, torch.randperm(N, generator=g)[:1 + c % (N - 1)]] = True
+    n_masked = int(m.sum())
+    Zsg, Ztg = unit(n_masked, d, seed=B + 4), unit(n_masked, d, seed=B + 5)
+    per_crop = m.sum(-1)
+    w = (1.0 / per_crop.double().clamp(min=1)).repeat_interleave(per_crop)      # patch_weights(m), in float64
+    torch.testing.assert_close(simdinov2.patch_weights(m), w.float())
+    ours, _, _, _ = simdinov2.simdinov2_loss(zsg, zsl, ztg, Zsg, Ztg, w,
+                                             math.sqrt(world_size * eps_code),
+                                             simdinov2.released_gamma(d, world_size * B), B)
+    released = released_simdinov2_loss(torch.cat([zsg, zsl]), ztg, Zsg, Ztg, m, world_size, eps_code)
+    constant = 1 + len(masked_crops) / (M_glo * B)
+    assert abs(ours.item() - (released.item() + constant)) < 1e-7      # the release's patch weights are float32
 
 
 def test_patch_loss_is_zero_without_masked_patches():
