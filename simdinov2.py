@@ -107,8 +107,8 @@ def get_args(argv=None):
                    help="Teacher EMA momentum at the start; it follows a cosine schedule to 1 (SimDINOv2: 0.9; DINOv2: 0.992).")
     p.add_argument("--lr", default=0.004, type=float,
                    help="""Peak learning rate for a global batch of 1024, scaled by sqrt(batch / 1024) (Table 4 and
-                   the released config: 0.004, sqrt_wrt_1024). The optimiser is AdamW, as in DINOv2; the released
-                   SimDINOv2 ViT-L config selects SOAP instead, which this file does not include.""")
+                   the released config: 0.004, sqrt_wrt_1024). The optimiser is AdamW, as in DINOv2 and in the released
+                   SimDINOv2 ViT-L config at the authors' current revision (an earlier revision selected SOAP).""")
     p.add_argument("--layerwise_decay", default=0.9, type=float,
                    help="Block i of L gets lr x decay^(L + 1 - i); embeddings decay^(L + 1), head and final norm 1 (DINOv2: 0.9).")
     p.add_argument("--patch_embed_lr_mult", default=0.2, type=float,
