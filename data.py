@@ -5,7 +5,8 @@ The data module shared by dino.py, simdino.py, dinov2.py and simdinov2.py.
 - SyntheticShapes: an embedded 10-class dataset drawn on the fly, the default data
   of every script and of the test suite (no files, no downloads).
 - ImageFolderDataset / build_dataset: an ImageFolder-style tree, root/<class>/<image>,
-  with unreadable images skipped and counted (or a clean stop).
+  with unreadable images skipped and counted (or a clean stop); CIFAR10Dataset: the
+  CIFAR-10 files as torchvision keeps them (--data cifar10:ROOT, downloaded on first use).
 - BlockMaskGenerator / collate_multicrop: the block masks of BEiT/iBOT/DINOv2 and the
   DINOv2 rule that spreads mask ratios over the batch.
 
@@ -23,6 +24,7 @@ be copied on its own. Typical use (DINOv2-style, ViT patch 16):
 import math
 import multiprocessing as mp
 import os
+import pickle
 import random
 import sys
 
@@ -379,10 +381,63 @@ def _image_files(folder):
     return out
 
 
+class CIFAR10Dataset(Dataset):
+    """CIFAR-10 (Krizhevsky 2009) from ROOT/cifar-10-batches-py/, the python pickles that
+    torchvision.datasets.CIFAR10 downloads and keeps (downloaded there on first use, 163 MB).
+    split 'train': the 5 training batches (50,000 images); 'val' or 'test': the test batch
+    (10,000). Items are (PIL RGB 32 x 32 image, label); classes from batches.meta."""
+
+    FOLDER = "cifar-10-batches-py"
+
+    def __init__(self, root, split="train", transform=None):
+        folder = os.path.join(os.fspath(root), self.FOLDER)
+        if not os.path.isdir(folder):
+            _download_cifar10(os.fspath(root))
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        data, labels = [], []
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                with open(path, "rb") as f:
+                    batch = pickle.load(f, encoding="latin1")
+                data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels += [int(t) for t in batch["labels"]]
+                if name == names[0]:
+                    with open(os.path.join(folder, "batches.meta"), "rb") as f:
+                        self.classes = list(pickle.load(f, encoding="latin1")["label_names"])
+            except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
+                raise DataError(f"cannot read CIFAR-10 file '{path}' ({type(e).__name__}): delete "
+                                f"'{folder}' to download it again") from None
+        self.images = np.concatenate(data).transpose(0, 2, 3, 1)  # (N, 32, 32, 3) uint8
+        self.targets, self.transform = labels, transform
+        self.num_skipped = 0  # the pickles have no unreadable images
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.images[i])
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+def _download_cifar10(root):
+    from torchvision.datasets.utils import download_and_extract_archive
+    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    print(f"downloading CIFAR-10 into '{root}' (163 MB, once)", file=sys.stderr, flush=True)
+    try:
+        download_and_extract_archive(url, root, md5="c58f30108f718f92721af3b95e74349a")
+    except Exception as e:
+        raise DataError(f"CIFAR-10 is not in '{root}' and could not be downloaded ({type(e).__name__}): put "
+                        f"torchvision's {CIFAR10Dataset.FOLDER}/ there, or pass an image folder as --data") from None
+
+
 def build_dataset(data, transform=None, split="train", on_bad_image="skip"):
     """--data synthetic -> SyntheticShapes (synthetic:N for N images per split, for quick
-    runs); --data DIR -> DIR/<split> if it exists (train/, val/, or test/ standing in
-    for a missing val/), else DIR itself."""
+    runs); --data cifar10:ROOT -> CIFAR10Dataset (torchvision's files under ROOT, downloaded
+    on first use); --data DIR -> DIR/<split> if it exists (train/, val/, or test/ standing
+    in for a missing val/), else DIR itself."""
+    if str(data).startswith("cifar10:"):
+        return CIFAR10Dataset(str(data).partition(":")[2] or ".", split, transform)
     if data == "synthetic" or str(data).startswith("synthetic:"):
         n = str(data).partition(":")[2]
         if n and not n.isdigit():

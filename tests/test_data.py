@@ -5,6 +5,7 @@ import functools
 import io
 import math
 import os
+import pickle
 import random
 
 import numpy as np
@@ -595,3 +596,56 @@ def test_collate_in_dataloader_workers():
         assert out["xg"].shape == (2, 4, 3, 32, 32) and out["xl"].shape == (2, 4, 3, 16, 16)
         assert out["labels"].tolist() == [4 * i + k for k in range(4)]
         assert out["masks"].shape == (8, 16) and (out["masks"].any(1)).sum() <= 4
+
+
+# -----------------------------------------------------------------------------
+# CIFAR-10 in torchvision's format
+
+def write_fake_cifar10(root, per_batch=8, n_test=6, seed=0):
+    """ROOT/cifar-10-batches-py/ as torchvision keeps it: 5 pickled training batches, a test batch and
+    batches.meta. Image i of a batch is random bytes; its label is i % 10."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else per_batch
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)],
+                 "batch_label": name}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                     "ship", "truck"], "num_cases_per_batch": per_batch}, f)
+    return folder
+
+
+def test_cifar10_reads_torchvisions_files(tmp_path):
+    folder = write_fake_cifar10(tmp_path)
+    train = build_dataset(f"cifar10:{tmp_path}", split="train")
+    test = build_dataset(f"cifar10:{tmp_path}", split="val")
+    assert len(train) == 40 and len(test) == 6 and train.classes[3] == "cat" and train.classes == test.classes
+    with open(os.path.join(folder, "data_batch_2"), "rb") as f:
+        raw = pickle.load(f, encoding="latin1")
+    img, label = train[8 + 3]                                  # batch 2, image 3
+    assert img.size == (32, 32) and img.mode == "RGB" and label == 3 == train.targets[11]
+    # row-major 1024 red, then green, then blue values per image
+    np.testing.assert_array_equal(np.asarray(img)[..., 1], raw["data"][3, 1024:2048].reshape(32, 32))
+    views = build_dataset(f"cifar10:{tmp_path}", MultiCropAugmentation(local_crops_number=2, global_crops_size=32,
+                                                                        local_crops_size=16))[0][0]
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+
+
+def test_cifar10_bad_or_missing_files_give_one_line(tmp_path, monkeypatch):
+    folder = write_fake_cifar10(tmp_path)
+    with open(os.path.join(folder, "data_batch_4"), "wb") as f:
+        f.write(b"not a pickle")
+    with pytest.raises(DataError, match="cannot read CIFAR-10 file .*data_batch_4.*delete"):
+        build_dataset(f"cifar10:{tmp_path}")
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    import torchvision.datasets.utils
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
+    with pytest.raises(DataError, match="could not be downloaded"):
+        build_dataset(f"cifar10:{tmp_path / 'empty'}")
