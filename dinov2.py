@@ -710,11 +710,12 @@ def check_args(args):
               "local_crops_size": "[1, inf)", "num_workers": "[0, inf)", "saveckp_freq": "[0, inf)",
               "saveckp_every": "[0, inf)", "seed": "[0, inf)", "log_every": "[1, inf)",
               # this method's own
-              "layerscale": "[0, inf)", "out_dim": "[1, inf)", "ibot_out_dim": "[1, inf)", "student_temp": "(0, inf)",
-              "warmup_teacher_temp": "(0, inf)", "teacher_temp": "(0, inf)", "warmup_teacher_temp_epochs": "[0, inf)",
-              "center_momentum": "[0, 1]", "freeze_last_layer_epochs": "[0, inf)", "dino_loss_weight": "[0, inf)",
-              "ibot_loss_weight": "[0, inf)", "koleo_loss_weight": "[0, inf)", "layerwise_decay": "(0, 1]",
-              "patch_embed_lr_mult": "[0, inf)", "mask_probability": "[0, 1]", "mask_ratio": "[0, 1]"}
+              "out_dim": "[1, inf)", "ibot_out_dim": "[1, inf)", "student_temp": "(0, inf)", "warmup_teacher_temp": "(0, inf)",
+              "teacher_temp": "(0, inf)", "warmup_teacher_temp_epochs": "[0, inf)", "center_momentum": "[0, 1]",
+              "freeze_last_layer_epochs": "[0, inf)", "dino_loss_weight": "[0, inf)", "ibot_loss_weight": "[0, inf)",
+              "koleo_loss_weight": "[0, inf)",
+              "layerscale": "[0, inf)", "layerwise_decay": "(0, 1]", "patch_embed_lr_mult": "[0, inf)",
+              "mask_probability": "[0, 1]", "mask_ratio": "[0, 1]"}
     for name, interval in ranges.items():
         value = getattr(args, name)
         values = value if isinstance(value, (tuple, list)) else (value,)

@@ -528,9 +528,11 @@ def check_args(args):
              f"{args.cov_group_size} (the samples per covariance): raise the batch or lower the group size")
     if args.gamma != "released":
         try:
-            float(args.gamma)
+            gamma = float(args.gamma)
         except ValueError:
             fail(f"--gamma '{args.gamma}' is neither 'released' nor a number")
+        if not in_interval(gamma, "[0, inf)"):
+            fail(f"--gamma {args.gamma} is out of range: valid values lie in [0, inf), or 'released'")
 
 
 def train(args):

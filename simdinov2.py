@@ -565,8 +565,9 @@ def check_args(args):
               "local_crops_size": "[1, inf)", "num_workers": "[0, inf)", "saveckp_freq": "[0, inf)",
               "saveckp_every": "[0, inf)", "seed": "[0, inf)", "log_every": "[1, inf)",
               # this method's own
-              "eps": "(0, inf)", "cov_group_size": "[1, inf)", "layerscale": "[0, inf)", "layerwise_decay": "(0, 1]",
-              "patch_embed_lr_mult": "[0, inf)", "mask_probability": "[0, 1]", "mask_ratio": "[0, 1]"}
+              "eps": "(0, inf)", "cov_group_size": "[1, inf)",
+              "layerscale": "[0, inf)", "layerwise_decay": "(0, 1]", "patch_embed_lr_mult": "[0, inf)",
+              "mask_probability": "[0, 1]", "mask_ratio": "[0, 1]"}
     for name, interval in ranges.items():
         value = getattr(args, name)
         values = value if isinstance(value, (tuple, list)) else (value,)
@@ -588,9 +589,11 @@ def check_args(args):
         fail(f"--mask_ratio {args.mask_ratio[0]} {args.mask_ratio[1]} must be given as min max (DINOv2: 0.1 0.5)")
     if args.gamma != "released":
         try:
-            float(args.gamma)
+            gamma = float(args.gamma)
         except ValueError:
             fail(f"--gamma '{args.gamma}' is neither 'released' nor a number")
+        if not in_interval(gamma, "[0, inf)"):
+            fail(f"--gamma {args.gamma} is out of range: valid values lie in [0, inf), or 'released'")
 
 
 def train(args):

@@ -142,9 +142,10 @@ RANGE_CASES = [
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("extra,phrase", RANGE_CASES + [
-    (["--cov_group_size", "0"], "--cov_group_size 0 is out of range: valid values lie in [1, inf)")])
+    (["--cov_group_size", "0"], "--cov_group_size 0 is out of range: valid values lie in [1, inf)"),
+    (["--gamma", "-1"], "--gamma -1 is out of range: valid values lie in [0, inf), or 'released'")])
 def test_flag_out_of_range_gives_one_line_and_writes_nothing(method, extra, phrase, tmp_path):
-    if "--cov_group_size" in extra and not method.startswith("sim"):
+    if extra[0] in ("--cov_group_size", "--gamma") and not method.startswith("sim"):
         extra, phrase = ["--clip_grad", "-1"], "--clip_grad -1.0 is out of range"   # no coding rate in DINO
     mod = importlib.import_module(method)
     assert phrase in error_of(mod, tiny(method, "--output_dir", str(tmp_path / "out"), *extra))
