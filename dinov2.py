@@ -608,7 +608,9 @@ def stop_on_signals():
     signal.set_wakeup_fd(w)
 
     def stop():
-        signum = os.read(r, 1)[0]
+        signum = None
+        while signum not in (signal.SIGINT, signal.SIGTERM):     # every signal with a Python handler is written
+            signum = os.read(r, 1)[0]                            # here, the DataLoader's SIGCHLD too: skip those
         for worker in mp.active_children():
             worker.kill()
         if RUN["rank"] == 0:

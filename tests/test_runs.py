@@ -162,6 +162,17 @@ def test_failed_start_on_the_command_line_leaves_no_folder(method, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_complete_run_on_the_command_line_exits_0(method, tmp_path):
+    """With data-loading workers, whose exits at the end raise SIGCHLD, which the signal watcher must let pass."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, f"{method}.py"), *tiny(method), "--epochs", "1",
+                           "--epoch_length", "2", "--num_workers", "2", "--output_dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "stopped" not in proc.stderr, proc.stderr
+    assert "done: teacher weights in" in proc.stdout
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["iteration"] == 2
+
+
 def test_small_batch_group_size():
     simdino, simdinov2 = importlib.import_module("simdino"), importlib.import_module("simdinov2")
     assert [simdino.default_cov_group_size(b, 64) for b in (64, 128, 16, 100, 7)] == [64, 64, 16, 50, 7]
