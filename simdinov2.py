@@ -16,17 +16,23 @@ DDP / FSDP2, bf16, checkpoints. Defaults reproduce the authors' released recipe;
 differs from the paper's pseudocode, a flag selects the paper's variant (see --help and
 the README).
 
-    python simdinov2.py                                    # embedded synthetic dataset, CPU or one GPU
+    # a CPU-sized run on the embedded synthetic dataset: a few minutes on a laptop
+    python simdinov2.py --arch vit_tiny --patch_size 8 --global_crops_size 32 --local_crops_size 16 --local_crops_number 4 --data synthetic:2000 --epochs 4 --warmup_epochs 1 --num_workers 2
+    # the defaults are the ImageNet recipe (ViT-S/16, 224 px crops, 100 epochs): runs for GPUs
     torchrun --nproc_per_node=8 simdinov2.py --data /path/to/imagenet --output_dir out/simdinov2
 """
 import argparse
 import copy
 import functools
+import itertools
 import json
 import math
+import multiprocessing as mp
 import os
 import random
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -42,9 +48,20 @@ from tqdm import tqdm
 import vit
 from data import BlockMaskGenerator, DataError, MultiCropAugmentation, build_dataset, collate_multicrop
 
+CPU_FLAGS = ("--arch vit_tiny --patch_size 8 --global_crops_size 32 --local_crops_size 16 --local_crops_number 4 "
+             "--data synthetic:2000 --epochs 4 --warmup_epochs 1 --num_workers 2")   # minutes on a laptop CPU
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help prints the docstring as written, and every flag's default."""
+
+
+def int_or_auto(value):
+    return value if value == "auto" else int(value)
+
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser("SimDINOv2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("SimDINOv2", description=__doc__, formatter_class=HelpFormatter)
     # Model
     p.add_argument("--arch", default="vit_small", choices=list(vit.ARCHS),
                    help="Backbone size. The paper trains vit_base and vit_large on ImageNet-1k; vit_tiny is for CPU smoke runs.")
@@ -76,11 +93,12 @@ def get_args(argv=None):
                    help="""The paper's epsilon of eq. 7: R_eps = 1/2 logdet(I + d/eps^2 S). Default sqrt(0.4) = 0.632:
                    the released runs pass eps=0.05 to a code that divides by the world size (8 GPUs), i.e.
                    eps^2 = 8 * 0.05 = 0.4 on per-GPU groups of 128 samples (see --cov_group_size).""")
-    p.add_argument("--cov_group_size", default=128, type=int,
+    p.add_argument("--cov_group_size", default="auto", type=int_or_auto,
                    help="""Samples per coding-rate estimate n. The batch of each view is split into groups of n
                    consecutive samples, R_eps is taken on each and averaged. The released code uses the per-GPU
                    batch (128 in Table 4), so its loss depends on the GPU count; here n is fixed, so 1 or 8
-                   processes at the same global batch optimise the same objective. Must divide --batch_size_per_gpu.""")
+                   processes at the same global batch optimise the same objective. Must divide --batch_size_per_gpu. 'auto': 128,
+                   or the largest divisor of a smaller --batch_size_per_gpu (printed at start).""")
     p.add_argument("--gamma", default="released",
                    help="""Weight of the coding-rate term. 'released': the authors' heuristic (d + B)/(d B), with d
                    --proj_dim and B the global batch (0.0049 at d=256, B=1024). A number sets it directly
@@ -125,6 +143,10 @@ def get_args(argv=None):
                    help="""Images per process and step; the global batch is this times the number of processes
                    (Table 4: 128 x 8; the released ViT-B config file sets 64).""")
     p.add_argument("--epochs", default=100, type=int, help="Training epochs (Table 4: 100).")
+    p.add_argument("--epoch_length", default="auto", type=int_or_auto,
+                   help="""Iterations per epoch, the unit of --epochs, --warmup_epochs and every other per-epoch
+                   setting, of the log's epoch and of the epoch checkpoints. 'auto': one pass over the data
+                   (images // global batch). DINOv2's released recipe fixes 1,250 iterations per "epoch" instead.""")
     # Multi-crop
     p.add_argument("--global_crops_scale", default=(0.4, 1.0), type=float, nargs=2,
                    help="Area range of the 2 global crops, relative to the image (DINO: 0.4 1).")
@@ -144,6 +166,9 @@ def get_args(argv=None):
     p.add_argument("--output_dir", default="out/simdinov2", help="Where checkpoints and log.jsonl are written.")
     p.add_argument("--saveckp_freq", default=10, type=int,
                    help="Also keep checkpoint<epoch>.pth every this many epochs (checkpoint.pth is rewritten every epoch).")
+    p.add_argument("--saveckp_every", default=500, type=int,
+                   help="""Also rewrite checkpoint.pth every this many iterations, inside epochs, so that a preempted
+                   or killed run loses at most that many; --resume continues from it exactly. 0: at epoch ends only.""")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="Continue a run: from <output_dir>/checkpoint.pth, or from the checkpoint given.")
     p.add_argument("--seed", default=0, type=int, help="Seed of weights, augmentations and data order.")
@@ -351,6 +376,137 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------- runs that can be stopped, resumed and trusted
+
+def stream_seed(*key):
+    """A 64-bit seed from a few integers; SeedSequence mixes them, so neighbouring keys give unrelated streams."""
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
+
+
+class RunSampler(torch.utils.data.Sampler):
+    """One process's batches for iterations start..stop-1 of a run; the batch of iteration `it` depends on `it` alone.
+
+    Pass p over the data is DistributedSampler(seed=seed, drop_last=True)'s order of epoch p, cut into
+    batches (the last partial one dropped). The passes follow each other whatever --epoch_length is, and a
+    run resumed at any iteration, mid-epoch included, reads exactly the batches the uninterrupted run read.
+    Items are (image index, pass), for SeededViews.
+    """
+
+    def __init__(self, num_images, batch_size, rank, world_size, seed, start, stop):
+        self.num_images, self.batch_size, self.rank, self.world_size = num_images, batch_size, rank, world_size
+        self.seed, self.start, self.stop = seed, start, stop
+        self.iters_per_pass = num_images // world_size // batch_size
+        self.order = (None, None)                                     # (pass, this process's indices), cached
+
+    def batch(self, it):
+        p, j = divmod(it, self.iters_per_pass)
+        if self.order[0] != p:
+            perm = torch.randperm(self.num_images, generator=torch.Generator().manual_seed(self.seed + p))
+            perm = perm[:self.num_images // self.world_size * self.world_size]
+            self.order = (p, perm[self.rank::self.world_size].tolist())
+        return [(i, p) for i in self.order[1][j * self.batch_size:(j + 1) * self.batch_size]]
+
+    def __iter__(self):
+        return (self.batch(it) for it in range(self.start, self.stop))
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """dataset[i] with torch's RNG seeded by (seed, pass, i): an image's augmentations depend on those alone,
+    not on the worker that draws them, the number of workers, or the iteration a run was resumed at."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):                                       # key: (image index, pass) from RunSampler
+        with torch.random.fork_rng(devices=[]):                       # the caller's RNG is left as it was
+            torch.manual_seed(stream_seed(self.seed, key[1], key[0], 0))
+            return key, self.dataset[key[0]]
+
+
+def seeded_collate(items, collate, seed):
+    """collate under a seed of the batch's first key, so what it draws from torch's RNG (block masks) replays too."""
+    (i, p), _ = items[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(seed, p, i, 1))
+        return collate([sample for _, sample in items])
+
+
+def worker_init(_):
+    """Data-loading workers leave SIGINT and SIGTERM to the main process, which ends them (stop_on_signals)."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+RUN = {"rank": 0, "iteration": None, "path": None, "checkpoint": None}   # what train() reports if it is stopped
+
+
+def stop_on_signals():
+    """Ctrl-C (SIGINT) and SIGTERM end the process within a second: workers killed, one line, exit 128 + signal.
+
+    A Python signal handler runs only once the main thread is back in Python, which in the middle of a
+    backward pass (one C++ call) can take minutes on a CPU. So the signal number also goes down a pipe
+    (signal.set_wakeup_fd) that a thread waits on, and that thread ends the process. Checkpoints are
+    written to a temporary file and renamed, so the last complete one is intact whenever it happens.
+    Call once, from the main thread, before the data-loading workers start.
+    """
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda *_: None)                             # the thread below does the work
+    signal.set_wakeup_fd(w)
+
+    def stop():
+        signum = None
+        while signum not in (signal.SIGINT, signal.SIGTERM):     # every signal with a Python handler is written
+            signum = os.read(r, 1)[0]                            # here, the DataLoader's SIGCHLD too: skip those
+        for worker in mp.active_children():
+            worker.kill()
+        if RUN["rank"] == 0:
+            where = "before training" if RUN["iteration"] is None else f"at iteration {RUN['iteration']}"
+            last = (f"the last checkpoint, {RUN['path']} (iteration {RUN['checkpoint']}), is intact: --resume "
+                    f"continues from it" if RUN["checkpoint"] else "no checkpoint was written by this run")
+            os.write(2, f"\nstopped by {signal.Signals(signum).name} {where}; {last}\n".encode())
+        os._exit(128 + signum)
+
+    threading.Thread(target=stop, daemon=True).start()
+
+
+def open_log(output_dir, start_it):
+    """log.jsonl, open for appending, with only its records of iterations before start_it: a killed run may
+    have logged iterations past its last checkpoint, which the resumed run does again, so its log reads as one run."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "log.jsonl")
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if line.endswith("\n") and json.loads(line)["iteration"] < start_it:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):             # a line cut short by a kill
+                    pass
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(f"{path}.tmp", path)
+    return open(path, "a")
+
+
+def note_cpu_hours(seconds_per_it, iterations_left):
+    """The defaults are the ImageNet recipe for GPUs: say so, once, when they would keep a CPU busy for hours."""
+    hours = seconds_per_it * iterations_left / 3600
+    if hours > 2:
+        print(f"note: at {seconds_per_it:.1f} s per iteration on this CPU, the {iterations_left} iterations left take "
+              f"about {hours:.0f} hours (the defaults are the ImageNet recipe, for GPUs). A CPU-sized run: "
+              f"python {os.path.basename(__file__)} {CPU_FLAGS}", flush=True)
+
+
 def load_optimizer_state(model, optimizer, state):
     """set_optimizer_state_dict for a checkpoint in which some parameters have no optimiser state yet.
 
@@ -369,7 +525,14 @@ def load_training_state(path, student, teacher, optimizer):
     """Restore student, teacher and optimiser from a checkpoint of this script; return the checkpoint."""
     if not os.path.exists(path):
         fail(f"--resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                            # truncated, not a torch file, unsafe pickle ...
+        fail(f"--resume: cannot read {path} ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}): pass "
+             f"a checkpoint.pth written by this script")
+    if not isinstance(ckpt, dict) or not {"student", "teacher", "optimizer", "iteration"} <= ckpt.keys():
+        fail(f"--resume: {path} is not a training checkpoint of this script (it has no student, teacher, "
+             f"optimizer and iteration): pass a checkpoint.pth written by this script")
     own, saved = student.state_dict(), ckpt["student"]
     wrong = [k for k in own if k not in saved or saved[k].shape != own[k].shape] + [k for k in saved if k not in own]
     if wrong:
@@ -386,31 +549,67 @@ def fail(msg):
     sys.exit(f"error: {msg}")
 
 
+def default_cov_group_size(batch_size_per_gpu, recipe):
+    """--cov_group_size auto: the recipe's group size if it divides the per-process batch, else the largest divisor
+    of that batch below it, so small batches run as they are. Groups never straddle processes: a group size gives
+    the same groups on 1 or N processes, and only a per-process batch too small for the recipe's changes it."""
+    return max(n for n in range(1, min(recipe, batch_size_per_gpu) + 1) if batch_size_per_gpu % n == 0)
+
+
+def in_interval(value, interval):
+    """Whether value lies in an interval written as the error message writes it: '[1, inf)', '(0, 1]'."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
+
+
 def check_args(args):
+    """Every flag is checked here, once, before anything is built or written: a bad value stops the run with
+    one line that names the flag, the value and the valid range."""
+    ranges = {"patch_size": "[1, inf)", "drop_path_rate": "[0, 1)", "num_register_tokens": "[0, inf)",
+              "proj_hidden_dim": "[1, inf)", "proj_dim": "[1, inf)", "momentum_teacher": "[0, 1]", "lr": "[0, inf)",
+              "min_lr": "[0, inf)", "warmup_epochs": "[0, inf)", "weight_decay": "[0, inf)",
+              "weight_decay_end": "[0, inf)", "clip_grad": "[0, inf)", "batch_size_per_gpu": "[1, inf)",
+              "epochs": "[1, inf)", "epoch_length": "[1, inf)", "global_crops_scale": "(0, 1]",
+              "local_crops_scale": "(0, 1]", "local_crops_number": "[0, inf)", "global_crops_size": "[1, inf)",
+              "local_crops_size": "[1, inf)", "num_workers": "[0, inf)", "saveckp_freq": "[0, inf)",
+              "saveckp_every": "[0, inf)", "seed": "[0, inf)", "log_every": "[1, inf)",
+              # this method's own
+              "eps": "(0, inf)", "cov_group_size": "[1, inf)",
+              "layerscale": "[0, inf)", "layerwise_decay": "(0, 1]", "patch_embed_lr_mult": "[0, inf)",
+              "mask_probability": "[0, 1]", "mask_ratio": "[0, 1]"}
+    for name, interval in ranges.items():
+        value = getattr(args, name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(v != "auto" and not in_interval(v, interval) for v in values):
+            fail(f"--{name} {' '.join(map(str, values))} is out of range: valid values lie in {interval}")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        if getattr(args, name)[0] > getattr(args, name)[1]:
+            fail(f"--{name} {getattr(args, name)[0]} {getattr(args, name)[1]} must be given as min max")
     for name in ("global_crops_size", "local_crops_size"):
         if getattr(args, name) % args.patch_size:
             fail(f"--{name} {getattr(args, name)} is not divisible by --patch_size {args.patch_size}: "
                  f"use a multiple of {args.patch_size}")
+    if args.cov_group_size == "auto":
+        args.cov_group_size = default_cov_group_size(args.batch_size_per_gpu, 128)
     if args.batch_size_per_gpu < args.cov_group_size or args.batch_size_per_gpu % args.cov_group_size:
         fail(f"--batch_size_per_gpu {args.batch_size_per_gpu} must be a multiple of --cov_group_size "
              f"{args.cov_group_size} (the samples per covariance): raise the batch or lower the group size")
-    if not 0 <= args.mask_probability <= 1 or not 0 <= args.mask_ratio[0] <= args.mask_ratio[1] <= 1:
-        fail(f"--mask_probability {args.mask_probability} and --mask_ratio {args.mask_ratio[0]} {args.mask_ratio[1]} "
-             f"must lie in [0, 1], the ratio as min max (DINOv2: 0.5 and 0.1 0.5)")
-    if args.eps <= 0:
-        fail(f"--eps {args.eps} must be positive (the coding rate divides by eps^2)")
+    if args.mask_ratio[0] > args.mask_ratio[1]:
+        fail(f"--mask_ratio {args.mask_ratio[0]} {args.mask_ratio[1]} must be given as min max (DINOv2: 0.1 0.5)")
     if args.gamma != "released":
         try:
-            float(args.gamma)
+            gamma = float(args.gamma)
         except ValueError:
             fail(f"--gamma '{args.gamma}' is neither 'released' nor a number")
+        if not in_interval(gamma, "[0, inf)"):
+            fail(f"--gamma {args.gamma} is out of range: valid values lie in [0, inf), or 'released'")
 
 
 def train(args):
     rank, world_size, device = init_distributed()
-    check_args(args)
-    os.makedirs(args.output_dir, exist_ok=True)
+    check_args(args)                                                  # nothing is written before the run trains
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    RUN.update(rank=rank, path=ckpt_path)
     if args.resume is None and os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output_dir")
     seed_all(args.seed)
@@ -421,18 +620,15 @@ def train(args):
     transform = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                       args.global_crops_size, args.local_crops_size)
     dataset = build_dataset(args.data, transform, "train", args.on_bad_image)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
     grid = args.global_crops_size // args.patch_size                              # masks are drawn in the workers
     collate = functools.partial(collate_multicrop, mask_generator=BlockMaskGenerator(grid),
                                 mask_ratio=args.mask_ratio, mask_probability=args.mask_probability)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
-                                         num_workers=args.num_workers, pin_memory=use_cuda, drop_last=True,
-                                         collate_fn=collate)
-    iters_per_epoch = len(loader)
+    iters_per_pass = len(dataset) // world_size // args.batch_size_per_gpu       # the last partial batch dropped
     global_batch = args.batch_size_per_gpu * world_size
-    if iters_per_epoch == 0:
+    if iters_per_pass == 0:
         fail(f"{len(dataset)} images are fewer than one global batch of {global_batch}: lower --batch_size_per_gpu")
+    iters_per_epoch = iters_per_pass if args.epoch_length == "auto" else args.epoch_length
+    total_iters = args.epochs * iters_per_epoch
 
     # ---- student, teacher, optimiser
     student, teacher = build_networks(args)
@@ -449,25 +645,39 @@ def train(args):
     momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch)
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    start_epoch = 0
+    start_it = 0
     if args.resume:
         ckpt = load_training_state(ckpt_path if args.resume == "auto" else args.resume, student, teacher,
                                    optimizer)
-        start_epoch = ckpt["epoch"]
+        start_it = ckpt["iteration"]
         del ckpt
+    if start_it >= total_iters:
+        fail(f"--resume: the checkpoint is at iteration {start_it}, the end of a run of {args.epochs} epochs of "
+             f"{iters_per_epoch} iterations: nothing to train (raise --epochs to train on)")
+    loader = torch.utils.data.DataLoader(
+        SeededViews(dataset, args.seed), num_workers=args.num_workers, pin_memory=use_cuda, worker_init_fn=worker_init,
+        batch_sampler=RunSampler(len(dataset), args.batch_size_per_gpu, rank, world_size, args.seed, start_it, total_iters),
+        collate_fn=functools.partial(seeded_collate, collate=collate, seed=args.seed))
     if rank == 0:
         print(f"SimDINOv2 {args.arch}/{args.patch_size}: {len(dataset)} images, {world_size} process(es), global batch "
-              f"{global_batch}, {iters_per_epoch} it/epoch, gamma {gamma:.4g}, eps {args.eps:.4g}, from epoch {start_epoch}")
-    log = open(os.path.join(args.output_dir, "log.jsonl"), "a") if rank == 0 else None
+              f"{global_batch}, gamma {gamma:.4g}, eps {args.eps:.4g}, coding rate on groups of {args.cov_group_size}, "
+              f"{args.epochs} epochs of {iters_per_epoch} iterations, from iteration {start_it}", flush=True)
+        if args.warmup_epochs >= args.epochs:
+            print(f"note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning rate rises "
+                  f"for the whole run, never reaching its peak nor decaying; lower --warmup_epochs", flush=True)
+    log = open_log(args.output_dir, start_it) if rank == 0 else None
 
-    for epoch in range(start_epoch, args.epochs):
-        seed_all(args.seed + 1 + epoch * world_size + rank)   # same stream when resumed at this epoch
-        sampler.set_epoch(epoch)
+    batches = iter(loader)                                  # one stream of batches for the whole run (RunSampler)
+    for epoch in range(start_it // iters_per_epoch, args.epochs):
+        first = max(start_it - epoch * iters_per_epoch, 0)      # a resumed run may start mid-epoch
         bad = torch.zeros((), device=device)                    # non-finite losses so far, checked without a sync per step
         t0, done = time.time(), 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True)
-        for i, batch in enumerate(bar):
+        bar = tqdm(itertools.islice(batches, iters_per_epoch - first), desc=f"epoch {epoch}", total=iters_per_epoch,
+                   initial=first, disable=rank != 0, dynamic_ncols=True)
+        for i, batch in enumerate(bar, first):
             it = epoch * iters_per_epoch + i
+            seed_all(args.seed + 1 + it * world_size + rank)   # drop path: a function of the iteration, as on resume
+            RUN["iteration"] = it
             for g in optimizer.param_groups:
                 g["lr"], g["weight_decay"] = lr_schedule[it] * g["lr_mult"], wd_schedule[it] * g["wd_mult"]
 
@@ -496,6 +706,10 @@ def train(args):
                 torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - momentum)
             bad += ~torch.isfinite(loss)
             done += 1
+            if it == start_it:
+                t_first = time.time()                                       # the first step warms up: time the second
+            elif it == start_it + 1 and rank == 0 and device.type == "cpu":
+                note_cpu_hours(time.time() - t_first, total_iters - it - 1)
 
             if (i + 1) % args.log_every == 0 or i + 1 == iters_per_epoch:
                 stats = torch.stack([loss.detach().float(), dist_term, patch_term, R_mean.float(), bad.float()])
@@ -516,16 +730,19 @@ def train(args):
                     log.write(json.dumps(record) + "\n")
                     log.flush()
 
-        # ---- checkpoint (every process takes part in gathering the full state dicts)
-        state = {"student": get_model_state_dict(student, options=full),
-                 "teacher": get_model_state_dict(teacher, options=full),
-                 "optimizer": get_optimizer_state_dict(student, optimizer, options=full),
-                 "epoch": epoch + 1, "iteration": (epoch + 1) * iters_per_epoch, "args": vars(args)}
-        if rank == 0:
-            save_checkpoint(state, ckpt_path)
-            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04d}.pth"))
-        del state
+            # ---- checkpoint at epoch ends and every --saveckp_every iterations (every process takes part in
+            # gathering the full state dicts)
+            if i + 1 == iters_per_epoch or (args.saveckp_every and (it + 1) % args.saveckp_every == 0):
+                state = {"student": get_model_state_dict(student, options=full),
+                         "teacher": get_model_state_dict(teacher, options=full),
+                         "optimizer": get_optimizer_state_dict(student, optimizer, options=full),
+                         "epoch": (it + 1) // iters_per_epoch, "iteration": it + 1, "args": vars(args)}
+                if rank == 0:
+                    save_checkpoint(state, ckpt_path)
+                    RUN["checkpoint"] = it + 1
+                    if i + 1 == iters_per_epoch and args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+                        save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04d}.pth"))
+                del state
     if rank == 0:
         log.close()
         print(f"done: teacher weights in {ckpt_path} (load with vit.vit_from_checkpoint)")
@@ -534,6 +751,7 @@ def train(args):
 
 
 if __name__ == "__main__":
+    stop_on_signals()
     try:
         train(get_args())
     except (DataError, vit.CheckpointError) as e:

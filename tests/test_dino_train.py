@@ -120,10 +120,10 @@ def assert_fails_in_process(argv, *phrases):
 
 @pytest.mark.parametrize("extra,phrases", [
     (["--global_crops_size", "20"], ["--global_crops_size 20 is not divisible by --patch_size 8"]),
-    (["--teacher_temp", "0"], ["--teacher_temp 0.0 must be positive"]),
-    (["--student_temp", "-0.1"], ["--student_temp -0.1 must be positive"]),
-    (["--center_momentum", "1.5"], ["--center_momentum 1.5 must lie in [0, 1]"]),
-    (["--out_dim", "0"], ["--out_dim 0 must be a positive number of prototypes"]),
+    (["--teacher_temp", "0"], ["--teacher_temp 0.0 is out of range: valid values lie in (0, inf)"]),
+    (["--student_temp", "-0.1"], ["--student_temp -0.1 is out of range"]),
+    (["--center_momentum", "1.5"], ["--center_momentum 1.5 is out of range: valid values lie in [0, 1]"]),
+    (["--out_dim", "0"], ["--out_dim 0 is out of range: valid values lie in [1, inf)"]),
 ])
 def test_bad_arguments(extra, phrases, tmp_path):
     assert_fails_in_process(TINY + ["--output_dir", str(tmp_path), *extra], *phrases)

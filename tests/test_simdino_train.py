@@ -110,7 +110,7 @@ def assert_clean_error(proc, *phrases):
     (["--global_crops_size", "20"], "--global_crops_size 20 is not divisible by --patch_size 8"),
     (["--batch_size_per_gpu", "4"], "multiple of --cov_group_size 8"),
     (["--gamma", "big"], "--gamma 'big'"),
-    (["--eps", "0"], "--eps 0.0 must be positive"),
+    (["--eps", "0"], "--eps 0.0 is out of range: valid values lie in (0, inf)"),
     (["--data", "synthetic:8"], "8 images are fewer than one global batch of 16"),
 ])
 def test_bad_arguments(extra, phrase, tmp_path):
