@@ -573,6 +573,7 @@ def check_args(args):
               "local_crops_scale": "(0, 1]", "local_crops_number": "[0, inf)", "global_crops_size": "[1, inf)",
               "local_crops_size": "[1, inf)", "num_workers": "[0, inf)", "saveckp_freq": "[0, inf)",
               "saveckp_every": "[0, inf)", "seed": "[0, inf)", "log_every": "[1, inf)",
+              "interpolate_offset": "[0, 1)",
               # this method's own
               "eps": "(0, inf)", "cov_group_size": "[1, inf)",
               "layerscale": "[0, inf)", "layerwise_decay": "(0, 1]", "patch_embed_lr_mult": "[0, inf)",

@@ -137,6 +137,7 @@ RANGE_CASES = [
     (["--num_workers", "-2"], "--num_workers -2 is out of range"),
     (["--global_crops_scale", "0", "1"], "--global_crops_scale 0.0 1.0 is out of range: valid values lie in (0, 1]"),
     (["--drop_path_rate", "nan"], "--drop_path_rate nan is out of range"),
+    (["--interpolate_offset", "1.5"], "--interpolate_offset 1.5 is out of range: valid values lie in [0, 1)"),
 ]
 
 
