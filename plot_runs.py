@@ -1,0 +1,104 @@
+"""Training-loss curves and k-NN top-1 over training of several runs, in one PNG.
+
+Each run folder is what a training script writes to --output_dir (log.jsonl and the
+checkpoints), plus the JSON files eval_knn.py writes next to each checkpoint it evaluates
+(`<checkpoint>_knn.json`). The k-NN point of a checkpoint sits at the iteration that the
+checkpoint records; a `--compare_init` entry in any of them gives the run's floor (the same
+network at initialisation), drawn dashed.
+
+    python plot_runs.py out/cifar10/simdino out/cifar10/simdinov2 out/cifar10/dino out/cifar10/dinov2 \\
+        --output docs/cifar10_curves.png
+
+matplotlib is needed for this script only (pip install matplotlib); the method files do not use it.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import torch
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser("plot_runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="Run folders (each a training script's --output_dir).")
+    p.add_argument("--output", default="curves.png", help="PNG to write.")
+    p.add_argument("--k", default="20", help="Which k of the k-NN results to plot (DINO quotes 20).")
+    p.add_argument("--smooth", default=20, type=int, help="Moving-average window of the loss curves, in log records.")
+    return p.parse_args(argv)
+
+
+def read_log(run):
+    """[(iteration, images seen, loss)] of a run's log.jsonl (the last record of each iteration wins)."""
+    records = {}
+    with open(os.path.join(run, "log.jsonl")) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                records[r["iteration"]] = r
+    return [records[i] for i in sorted(records)]
+
+
+def read_knn(run, k):
+    """([(iteration, top-1)] of the run's evaluated checkpoints, top-1 at init or None)."""
+    points, init = [], None
+    for path in sorted(glob.glob(os.path.join(run, "*_knn.json"))):
+        with open(path) as f:
+            result = json.load(f)
+        ckpt = result.get("checkpoint")
+        if not ckpt or not os.path.exists(ckpt) or "knn" not in result:
+            continue
+        meta = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        points.append((int(meta["iteration"]), result["knn"][k]["top1"]))
+        if "init" in result:
+            init = result["init"]["knn"][k]["top1"]
+    return sorted(points), init
+
+
+def moving_average(values, window):
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def main(args):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("error: plot_runs.py needs matplotlib: pip install matplotlib")
+    n = len(args.runs)
+    # one loss panel per run (each method's objective has its own scale), the k-NN curves together below
+    fig, axes = plt.subplot_mosaic([[f"loss{i}" for i in range(n)], ["knn"] * n], figsize=(3.2 * max(n, 2), 7.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ax_knn = axes["knn"]
+    for i, run in enumerate(args.runs):
+        if not os.path.exists(os.path.join(run, "log.jsonl")):
+            sys.exit(f"error: '{run}' has no log.jsonl: pass the --output_dir of a training run")
+        name, color, ax = os.path.basename(os.path.normpath(run)), colors[i % len(colors)], axes[f"loss{i}"]
+        log = read_log(run)
+        ax.plot([r["iteration"] for r in log], moving_average([r["loss"] for r in log], args.smooth), color=color)
+        ax.set(title=f"{name}: training loss", xlabel="iteration")
+        ax.grid(alpha=0.3)
+        points, init = read_knn(run, args.k)
+        if points:
+            ax_knn.plot(*zip(*points), "o-", color=color, label=name)
+        if init is not None:
+            ax_knn.axhline(init, color=color, linestyle="--", linewidth=1, label=f"{name} at init")
+    ax_knn.set(xlabel="iteration", ylabel=f"k-NN top-1 (%), k = {args.k}", title="k-NN top-1 of the teacher")
+    ax_knn.grid(alpha=0.3)
+    ax_knn.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    fig.savefig(args.output, dpi=120)
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main(get_args())

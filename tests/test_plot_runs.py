@@ -1,0 +1,26 @@
+"""plot_runs.py's readers (matplotlib is optional, so only the parts that do not draw are tested here)."""
+import json
+
+import torch
+
+import plot_runs
+
+
+def test_readers_put_each_knn_point_at_its_checkpoints_iteration(tmp_path):
+    run = tmp_path / "simdino"
+    run.mkdir()
+    records = [{"iteration": i, "loss": 1.0 / (i + 1)} for i in range(5)] + [{"iteration": 3, "loss": 7.0}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))   # a resumed run redid 3
+    for it, top1 in [(20, 41.5), (10, 33.0)]:
+        ckpt = run / f"checkpoint{it:04d}.pth"
+        torch.save({"iteration": it, "teacher": {}}, ckpt)
+        result = {"checkpoint": str(ckpt), "knn": {"20": {"top1": top1, "top5": 90.0}}}
+        if it == 10:
+            result["init"] = {"seed": 0, "knn": {"20": {"top1": 30.4, "top5": 80.0}}}
+        (run / f"checkpoint{it:04d}_knn.json").write_text(json.dumps(result))
+    (run / "gone_knn.json").write_text(json.dumps({"checkpoint": str(run / "gone.pth"), "knn": {}}))
+    log = plot_runs.read_log(str(run))
+    assert [r["iteration"] for r in log] == [0, 1, 2, 3, 4] and log[3]["loss"] == 7.0
+    points, init = plot_runs.read_knn(str(run), "20")
+    assert points == [(10, 33.0), (20, 41.5)] and init == 30.4
+    assert plot_runs.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
