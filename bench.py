@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
 
 import data
 import vit
@@ -180,9 +181,13 @@ def measure_loader(args, n_images, rounds, batch=32):
     decoded = [ds[i][0] for i in idx]
     crops = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
              args.local_crops_size)
-    pil, dev = data.MultiCropAugmentation(*crops, photometric="pil"), data.MultiCropAugmentation(*crops)
-    candidates = {  # name: (transform run in the worker, float32 MB sent per image)
-        "DINO's PIL pipeline, float32 out (before)": lambda img: [data.normalize(c.float() / 255) for c in pil(img)],
+    pil, dev = (data.MultiCropAugmentation(*crops, photometric=p) for p in ("pil", "device"))
+    tail = [transforms.ToTensor(), transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
+    old = [transforms.Compose(t.transforms[:-1] + tail)           # as data.py was: ToTensor and Normalize in the worker
+           for t in (pil.global_transform1, pil.global_transform2, pil.local_transform)]
+    candidates = {  # name: the transform a worker runs
+        "DINO's PIL pipeline, float32 out (before)":
+            lambda img: [old[0](img), old[1](img)] + [old[2](img) for _ in range(args.local_crops_number)],
         "DINO's PIL pipeline, uint8 out (--photometric pil)": pil,
         "crop + flip in the worker, uint8 out (--photometric device, default)": dev}
     seconds = {(name, decode): 0.0 for name in candidates for decode in (True, False)}

@@ -162,19 +162,21 @@ class MultiCropAugmentation:
                              f"{xg.dtype} and {xl.dtype}")
         xg, xl = xg.float() / 255, xl.float() / 255                         # as ToTensor: [0, 1]
         if self.photometric == "device":
-            B = xg.shape[1]
             (b1, b2, bl), (s1, s2, sl) = self.BLUR_P, self.SOLARIZE_P
-            per_view = lambda p1, p2: torch.tensor([p1] * B + [p2] * B, device=xg.device)  # (2B,)
+
+            def per_view(p1, p2):  # (2B,): p1 for global crop 1, p2 for crop 2, made on the device (no copy, no sync)
+                p = torch.full(xg.shape[:2], p1, device=xg.device)
+                p[1] = p2
+                return p.flatten()
             xg = photometric_augment(xg.flatten(0, 1), per_view(b1, b2), per_view(s1, s2)).view_as(xg)
             xl = photometric_augment(xl.flatten(0, 1), bl, sl).view_as(xl)
         return normalize(xg), normalize(xl)
 
 
 def normalize(x):
-    """(..., 3, H, W) in [0, 1] -> ImageNet-normalised, as transforms.Normalize computes it."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
+    """(..., 3, H, W) in [0, 1] -> ImageNet-normalised, as transforms.Normalize computes it. The statistics
+    are Python numbers: a tensor of them made per call would be a host-to-device copy, which waits for the GPU."""
+    return torch.stack([(x[..., c, :, :] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], -3)
 
 
 # DINO's photometric augmentations as batched tensor operations: every view of the batch
@@ -198,7 +200,7 @@ def _shift_hue(x, shift):
     hue = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
     hue = (hue / 6 + shift.view(-1, 1, 1)) % 1.0                           # (n, H, W) in turns
     # HSV -> RGB without branches: channel c = v - v s clamp(min(k, 4 - k), 0, 1), k = (c + 6 h) mod 6
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6
+    k = (torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6  # c = 5, 3, 1
     return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
