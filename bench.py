@@ -17,7 +17,7 @@ the model FLOP utilisation.
 
 Several runs side by side, each in a fresh process (its own peak memory), one after the other:
 
-    python bench.py simdino dino --arch vit_tiny                                    # SimDINO's step vs DINO's
+    python bench.py simdino dino --arch vit_tiny --repeats 3                        # SimDINO's step vs DINO's, A B A B A B
     python bench.py simdino --arch vit_base --compare_grad_checkpointing            # memory without / with
 
 The input pipeline (--loader): images/s of data.py's multi-crop pipeline in one process on one thread,
