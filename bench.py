@@ -1,30 +1,88 @@
-"""Training throughput of a method's real training loop, with data loading taken out.
+"""Throughput of a method's real training step, the input pipeline that feeds it, and memory.
 
-The method's own `train()` runs unchanged, except that its dataset is replaced by one that
-returns the same random crops every time, so the number measures the step (student and
-teacher forwards, loss, backward, optimiser, EMA, logging) and not JPEG decoding. The speed
-is taken between two log records after `--warmup` steps (compilation excluded):
+The step: the method's own `train()` runs unchanged, except that its dataset is replaced by one that
+returns the same random uint8 crops every time, so the number measures the step (the on-device part of
+the augmentation, student and teacher forwards, loss, backward, optimiser, EMA, logging) and not JPEG
+decoding. The speed is taken between two log records after `--warmup` steps (compilation excluded):
 
     python bench.py simdino --arch vit_base --batch_size_per_gpu 64                 # one GPU (or CPU)
     python bench.py simdinov2 --arch vit_large --batch_size_per_gpu 32 --compile --peak_tflops 989
     torchrun --nproc_per_node=8 bench.py dino --arch vit_base --fsdp
 
-Everything after the method name goes to the method's own arguments. Prints one line: images/s,
-ms per step, peak GPU memory, and the backbone's training FLOP rate (3x the forward FLOPs of the
-student on all crops plus the teacher's forward on the global crops, heads not counted) and, with
---peak_tflops (e.g. 989 for dense bf16 on an H100 SXM), the model FLOP utilisation.
+Everything after the method names goes to the methods' own arguments. Prints one line per run: images/s,
+ms per step, peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS) and the
+backbone's training FLOP rate (3x the forward FLOPs of the student on all crops plus the teacher's forward
+on the global crops, heads not counted) and, with --peak_tflops (e.g. 989 for dense bf16 on an H100 SXM),
+the model FLOP utilisation.
+
+Several runs side by side, each in a fresh process (its own peak memory), one after the other:
+
+    python bench.py simdino dino --arch vit_tiny --repeats 3                        # SimDINO's step vs DINO's, A B A B A B
+    python bench.py simdino --arch vit_base --compare_grad_checkpointing            # memory without / with
+
+The input pipeline (--loader): images/s of data.py's multi-crop pipeline in one process on one thread,
+i.e. per loader worker, on the first images of --data, with and without JPEG decoding, for DINO's PIL
+pipeline as it was (float32 out), the same with uint8 out, and the default split (crop and flip in the
+worker, photometric augmentation batched in the training process); and how many loader cores the step
+rate just measured needs. ImageNet-sized JPEGs to run it on can be generated:
+
+    python bench.py --make_jpegs out/jpegs 300
+    python bench.py simdino --arch vit_base --data out/jpegs --loader
 """
 import argparse
 import importlib
 import json
+import math
 import os
+import resource
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
 
+import data
 import vit
+
+METHODS = ["simdino", "simdinov2", "dino", "dinov2"]
+
+
+def natural_image(rng, width=500, height=375):
+    """A PIL RGB image that decodes and augments like a photograph: colour noise with a 1/f-like
+    spectrum (one random colour mix per octave), a few flat ellipses for sharp edges, and sensor
+    noise. rng: a numpy Generator."""
+    img = np.zeros((height, width, 3), np.float32)
+    for k in range(1, 9):                                       # octaves: from about 2 x 2 cells up to pixels
+        gh, gw = max(2, height >> (8 - k)), max(2, width >> (8 - k))
+        cells = rng.standard_normal((gh, gw, 3)).astype(np.float32) @ rng.standard_normal((3, 3)).astype(np.float32)
+        up = np.stack([np.asarray(Image.fromarray(cells[..., c]).resize((width, height), Image.BICUBIC))
+                       for c in range(3)], -1)                  # (H, W, 3)
+        img += up / 1.4 ** k                                    # coarser octaves carry more energy
+    img = (img - img.mean()) / (img.std() + 1e-6) * 50 + rng.uniform(80, 170, 3)
+    img += rng.standard_normal((height, width, 1)).astype(np.float32) * 6
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    for _ in range(rng.integers(2, 6)):
+        x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(15, 90)
+        draw.ellipse([x - r, y - r * rng.uniform(0.5, 1.5), x + r, y + r],
+                     fill=tuple(int(v) for v in rng.uniform(0, 255, 3)))
+    return pil
+
+
+def make_jpegs(folder, n, classes=10, quality=90):
+    """n natural-looking 500 x 375 JPEGs (ImageNet's typical size) in folder/train/<class>/, about 70 KB each."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = os.path.join(folder, "train", f"class{i % classes}")
+        os.makedirs(d, exist_ok=True)
+        natural_image(rng).save(os.path.join(d, f"{i:06d}.jpg"), quality=quality)
+    print(f"wrote {n} JPEGs of 500 x 375 to {os.path.join(folder, 'train')}")
 
 
 class RepeatedCrops(torch.utils.data.Dataset):
@@ -32,8 +90,8 @@ class RepeatedCrops(torch.utils.data.Dataset):
 
     def __init__(self, length, args):
         g = torch.Generator().manual_seed(0)
-        self.views = ([torch.randn(3, args.global_crops_size, args.global_crops_size, generator=g) for _ in range(2)]
-                      + [torch.randn(3, args.local_crops_size, args.local_crops_size, generator=g)
+        self.views = ([torch.randint(256, (3, args.global_crops_size, args.global_crops_size), generator=g, dtype=torch.uint8) for _ in range(2)]
+                      + [torch.randint(256, (3, args.local_crops_size, args.local_crops_size), generator=g, dtype=torch.uint8)
                          for _ in range(args.local_crops_number)])
         self.length = length
 
@@ -58,14 +116,17 @@ def backbone_train_flops(args):
     return student + 2 * flops[args.global_crops_size]
 
 
-def main():
-    p = argparse.ArgumentParser("bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["simdino", "simdinov2", "dino", "dinov2"])
-    p.add_argument("--steps", default=30, type=int, help="Measured steps, after the warm-up.")
-    p.add_argument("--warmup", default=10, type=int, help="Steps before the measurement (compilation, allocator).")
-    p.add_argument("--peak_tflops", default=None, type=float, help="The device's peak TFLOP/s, for the MFU.")
-    bench, rest = p.parse_known_args()
-    method = importlib.import_module(bench.method)
+def peak_memory():
+    """(bytes, what was measured): the CUDA allocator's peak on a GPU; on CPU the process's peak resident set
+    (model, optimiser, activations, plus about half a GiB of libraries), which only a fresh process can measure."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"   # Linux reports KiB
+
+
+def measure_step(bench, method_name, rest):
+    """Run the method's own train() on RepeatedCrops in this process; a dict of what was measured."""
+    method = importlib.import_module(method_name)
     out = tempfile.mkdtemp(prefix="bench_")
     args = method.get_args(rest + ["--epochs", "1", "--warmup_epochs", "0", "--log_every", str(bench.warmup),
                                    "--saveckp_freq", "0", "--output_dir", out])
@@ -74,7 +135,7 @@ def main():
     method.build_dataset = lambda *a, **k: RepeatedCrops(n, args)     # the method's loop, without data loading
     method.train(args)
     if int(os.environ.get("RANK", 0)) != 0:
-        return
+        return None
     with open(os.path.join(out, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     shutil.rmtree(out)                                             # the checkpoint it wrote is of no use
@@ -82,13 +143,168 @@ def main():
     steps = last["iteration"] - first["iteration"]
     seconds = last["time"] - first["time"]
     images_per_s = steps * args.batch_size_per_gpu * world_size / seconds
-    tflops = backbone_train_flops(args) * images_per_s / 1e12
-    memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else "n/a (CPU)"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    mfu = f", MFU {100 * tflops / (bench.peak_tflops * world_size):.1f}%" if bench.peak_tflops else ""
-    print(f"{bench.method} {args.arch}/{args.patch_size} on {world_size} x {device}, batch {args.batch_size_per_gpu}"
-          f"/process, {'compiled' if args.compile else 'eager'}: {images_per_s:.1f} images/s, "
-          f"{1000 * seconds / steps:.1f} ms/step, peak memory {memory}, backbone {tflops:.2f} TFLOP/s{mfu}")
+    memory, memory_kind = peak_memory()
+    return {"method": method_name, "arch": args.arch, "patch_size": args.patch_size, "world_size": world_size,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+            "batch": args.batch_size_per_gpu, "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
+            "images_per_s": images_per_s, "ms_per_step": 1000 * seconds / steps, "memory": memory,
+            "memory_kind": memory_kind, "tflops": backbone_train_flops(args) * images_per_s / 1e12}
+
+
+def step_line(r, peak_tflops=None):
+    mfu = f", MFU {100 * r['tflops'] / (peak_tflops * r['world_size']):.1f}%" if peak_tflops else ""
+    return (f"{r['method']} {r['arch']}/{r['patch_size']} on {r['world_size']} x {r['device']}, batch {r['batch']}"
+            f"/process, {'compiled' if r['compile'] else 'eager'}{', grad checkpointing' if r['grad_checkpointing'] else ''}: "
+            f"{r['images_per_s']:.1f} images/s, {r['ms_per_step']:.1f} ms/step, peak memory {r['memory'] / 2**30:.2f} GiB "
+            f"({r['memory_kind']}), backbone {r['tflops']:.2f} TFLOP/s{mfu}")
+
+
+def run_child(bench, method_name, rest):
+    """measure_step in a fresh process, so that its speed and peak memory are its own."""
+    cmd = [sys.executable, os.path.abspath(__file__), method_name, "--steps", str(bench.steps),
+           "--warmup", str(bench.warmup), "--json", *rest]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_JSON ")]
+    if proc.returncode or not lines:
+        sys.exit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("BENCH_JSON "):])
+
+
+def measure_loader(args, n_images, rounds, batch=32):
+    """Images/s of the multi-crop pipeline in one process on one thread, i.e. per loader worker (= core), on
+    the first n_images of --data: with decoding (as the workers run) and on images decoded beforehand. The
+    candidates run in turns, `rounds` times, so a busy machine slows them alike; each makes whole batches
+    with collate_multicrop, as a worker does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ds = data.build_dataset(args.data, None, "train", "skip")       # PIL images, decoded on access
+    idx = list(range(min(n_images, len(ds))))
+    decoded = [ds[i][0] for i in idx]
+    crops = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
+             args.local_crops_size)
+    pil, dev = (data.MultiCropAugmentation(*crops, photometric=p) for p in ("pil", "device"))
+    tail = [transforms.ToTensor(), transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
+    old = [transforms.Compose(t.transforms[:-1] + tail)           # as data.py was: ToTensor and Normalize in the worker
+           for t in (pil.global_transform1, pil.global_transform2, pil.local_transform)]
+    candidates = {  # name: the transform a worker runs
+        "DINO's PIL pipeline, float32 out (before)":
+            lambda img: [old[0](img), old[1](img)] + [old[2](img) for _ in range(args.local_crops_number)],
+        "DINO's PIL pipeline, uint8 out (--photometric pil)": pil,
+        "crop + flip in the worker, uint8 out (--photometric device, the default on CUDA)": dev}
+    seconds = {(name, decode): math.inf for name in candidates for decode in (True, False)}
+    for _ in range(rounds):                                        # the best round of each: the least disturbed
+        for (name, decode) in seconds:
+            aug = candidates[name]
+            t0 = time.perf_counter()
+            for k in range(0, len(idx), batch):
+                data.collate_multicrop([(aug(ds[i][0] if decode else decoded[i]), 0) for i in idx[k:k + batch]])
+            seconds[name, decode] = min(seconds[name, decode], time.perf_counter() - t0)
+    result = {name: (len(idx) / seconds[name, True], len(idx) / seconds[name, False]) for name in candidates}
+    decode_ms = {}
+    if isinstance(ds, data.ImageFolderDataset):                    # JPEG decoding alone, full size and PIL's draft
+        for draft in (False, True):
+            t0 = time.perf_counter()
+            for i in idx:
+                with Image.open(ds.samples[i][0]) as im:
+                    if draft:
+                        im.draft("RGB", (im.width // 2, im.height // 2))
+                    im.convert("RGB")
+            decode_ms[draft] = 1000 * (time.perf_counter() - t0) / len(idx)
+    torch.set_num_threads(threads)
+    # the device path's other half: photometric augmentation in the training process, one batch at a time
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    b = data.collate_multicrop([(dev(decoded[i % len(decoded)]), 0) for i in range(args.batch_size_per_gpu)])
+    xg, xl = b["xg"].to(device), b["xl"].to(device)
+    dev.on_device(xg, xl)                                          # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dev.on_device(xg, xl)
+    sync()
+    on_device = 5 * args.batch_size_per_gpu / (time.perf_counter() - t0)
+    sizes = [im.size for im in decoded]
+    return result, decode_ms, on_device, sizes
+
+
+def print_loader(args, result, decode_ms, on_device, sizes, steps):
+    w, h = (sum(s[k] for s in sizes) / len(sizes) for k in (0, 1))
+    crops = f"2 x {args.global_crops_size} + {args.local_crops_number} x {args.local_crops_size}"
+    print(f"loader on {args.data} ({len(sizes)} images, mean {w:.0f} x {h:.0f}), {crops} crops, one core per worker:")
+    before = next(iter(result.values()))
+    for name, (with_decode, without) in result.items():
+        need = "; ".join(f"cores needed for {r['method']}'s {r['images_per_s']:.1f} images/s: "
+                         f"{r['images_per_s'] / with_decode:.2f}" for r in steps)
+        print(f"  {name}: {with_decode:.1f} images/s with decoding ({with_decode / before[0]:.2f}x), "
+              f"{without:.1f} without ({without / before[1]:.2f}x); {need}")
+    if decode_ms:
+        print(f"  JPEG decoding alone: {decode_ms[False]:.2f} ms/image full size, {decode_ms[True]:.2f} ms with PIL's "
+              f"draft at 1/2 (not used: the smallest crops would then be upsampled from half the pixels)")
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "the CPU, all threads"
+    print(f"  photometric augmentation + normalisation in the training process ({where}): {on_device:.1f} images/s "
+          f"at batch {args.batch_size_per_gpu}")
+
+
+def main():
+    p = argparse.ArgumentParser("bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("methods", nargs="*", metavar="METHOD",
+                   help=f"One or more of {', '.join(METHODS)}: several are measured one after the other, each in "
+                        f"its own process, with the same flags.")
+    p.add_argument("--steps", default=30, type=int, help="Measured steps, after the warm-up.")
+    p.add_argument("--warmup", default=10, type=int, help="Steps before the measurement (compilation, allocator); >= 1.")
+    p.add_argument("--peak_tflops", default=None, type=float, help="The device's peak TFLOP/s, for the MFU.")
+    p.add_argument("--compare_grad_checkpointing", action="store_true",
+                   help="Measure each method without and with --grad_checkpointing (each in its own process): "
+                        "speed and peak memory side by side.")
+    p.add_argument("--repeats", default=1, type=int,
+                   help="With several runs: run them all this many times, in turns, and report the fastest of each.")
+    p.add_argument("--loader", action="store_true",
+                   help="Also measure the input pipeline on the method's --data (a folder of JPEGs: see "
+                        "--make_jpegs): images/s per loader core, before and now, and the cores the step needs.")
+    p.add_argument("--loader_images", default=32, type=int, help="Images the loader measurement reads per round.")
+    p.add_argument("--loader_rounds", default=5, type=int,
+                   help="Turns each loader candidate takes; its fastest turn is reported (the least disturbed).")
+    p.add_argument("--make_jpegs", nargs=2, metavar=("DIR", "N"),
+                   help="Write N natural-looking 500 x 375 JPEGs to DIR/train/<class>/ for --loader, then exit.")
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # a child run: print a JSON record
+    bench, rest = p.parse_known_args()
+    if bench.make_jpegs:
+        return make_jpegs(bench.make_jpegs[0], int(bench.make_jpegs[1]))
+    if not bench.methods or any(m not in METHODS for m in bench.methods):
+        p.error(f"name one or more METHODs first, of {', '.join(METHODS)} (or pass --make_jpegs DIR N)")
+    if bench.warmup < 1:
+        p.error("--warmup must be >= 1: the first log record marks the start of the measurement")
+    for m in bench.methods:                                        # a flag one method lacks fails now, not after the others ran
+        importlib.import_module(m).get_args(rest)
+    variants = [[]] + ([["--grad_checkpointing"]] if bench.compare_grad_checkpointing else [])
+    runs = [(m, rest + v) for m in bench.methods for v in variants]
+    if bench.json:
+        print("BENCH_JSON " + json.dumps(measure_step(bench, *runs[0])))
+        return
+    if len(runs) == 1 and bench.repeats == 1:
+        steps = [measure_step(bench, *runs[0])]
+        if steps[0] is None:                                       # not rank 0
+            return
+    elif "WORLD_SIZE" in os.environ:
+        sys.exit("error: under torchrun, bench.py measures one method, without --compare_grad_checkpointing")
+    else:  # repeats take turns (A B A B), and the fastest of each run counts: a busy machine disturbs single runs
+        results = [run_child(bench, *run) for _ in range(bench.repeats) for run in runs]
+        steps = [max(results[k::len(runs)], key=lambda r: r["images_per_s"]) for k in range(len(runs))]
+    for r in steps:
+        print(step_line(r, bench.peak_tflops))
+    if len(bench.methods) > 1:
+        base = steps[0]
+        print("relative images/s: " + ", ".join(f"{r['method']}{' +ckpt' if r['grad_checkpointing'] else ''} "
+                                                f"{r['images_per_s'] / base['images_per_s']:.2f}" for r in steps))
+    if bench.compare_grad_checkpointing:
+        for plain, ckpt in zip(steps[::2], steps[1::2]):
+            print(f"{plain['method']} with --grad_checkpointing: peak memory {ckpt['memory'] / 2**30:.2f} vs "
+                  f"{plain['memory'] / 2**30:.2f} GiB ({plain['memory_kind']}; saves {(plain['memory'] - ckpt['memory']) / 2**30:.2f} GiB),"
+                  f" images/s x{ckpt['images_per_s'] / plain['images_per_s']:.2f}")
+    if bench.loader:
+        args = importlib.import_module(bench.methods[0]).get_args(rest)
+        print_loader(args, *measure_loader(args, bench.loader_images, bench.loader_rounds),
+                     [r for r in steps if not r["grad_checkpointing"]])
 
 
 if __name__ == "__main__":

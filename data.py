@@ -1,7 +1,9 @@
 """
 The data module shared by dino.py, simdino.py, dinov2.py and simdinov2.py.
 
-- MultiCropAugmentation: DINO's multi-crop views (2 global + M local crops).
+- MultiCropAugmentation: DINO's multi-crop views (2 global + M local crops): uint8 crops
+  made in the loader workers, then `on_device` in the training process (the photometric
+  augmentations batched on the GPU, or DINO's exact PIL pipeline in the workers).
 - SyntheticShapes: an embedded 10-class dataset drawn on the fly, the default data
   of every script and of the test suite (no files, no downloads).
 - ImageFolderDataset / build_dataset: an ImageFolder-style tree, root/<class>/<image>,
@@ -17,7 +19,8 @@ be copied on its own. Typical use (DINOv2-style, ViT patch 16):
     dataset = build_dataset(args.data, transform=aug)  # "synthetic" or a folder
     collate = functools.partial(collate_multicrop, mask_generator=BlockMaskGenerator(224 // 16))
     loader = DataLoader(dataset, batch_size=64, num_workers=8, collate_fn=collate)
-    for batch in loader:  # batch["xg"], batch["xl"], batch["labels"], batch["masks"]
+    for batch in loader:  # batch["xg"], batch["xl"] (uint8), batch["labels"], batch["masks"]
+        xg, xl = aug.on_device(batch["xg"].to(device), batch["xl"].to(device))  # float, normalised
         ...
 """
 
@@ -30,6 +33,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -82,55 +86,68 @@ def _check_crop(name, size, scale):
 
 
 class MultiCropAugmentation:
-    """PIL image -> [global crop 1, global crop 2, local crop 1, ..., local crop M],
-    tensors (3, G, G) x 2 then (3, L, L) x M, normalised with the ImageNet statistics.
+    """DINO's multi-crop views of one PIL image, split between the loader workers and the
+    training process so that each does what it is fast at.
+
+    In the workers, `aug(image)` -> [global crop 1, global crop 2, local crop 1, ..., local
+    crop M], uint8 tensors (3, G, G) x 2 then (3, L, L) x M: a quarter of the bytes of
+    float32 to send to the training process. In the training process, one call per batch,
+    `xg, xl = aug.on_device(xg, xl)` turns the stacked crops into float views normalised
+    with the ImageNet statistics.
+
     The three pipelines differ only in blur probability (1.0 / 0.1 / 0.5) and in the
-    solarisation (p=0.2) of global crop 2: the two global views are made asymmetric."""
+    solarisation (p=0.2) of global crop 2: the two global views are made asymmetric.
+
+    photometric="device": the workers only crop and flip (PIL, bicubic, as DINO); colour
+    jitter, grayscale, Gaussian blur and solarisation run in `on_device`, batched on the
+    training device. Same distribution of views as DINO's PIL pipeline (tested), at about
+    2.5x the images/s per worker; the differences a careful reader would notice are that
+    the arithmetic is float rather than rounded to uint8 after each operation, the blur is
+    an exact Gaussian rather than PIL's three box passes, and the random draws come from
+    the training process's generator rather than the workers'.
+    photometric="pil": DINO's exact PIL pipeline, everything in the workers; `on_device`
+    then only normalises, exactly as ToTensor + Normalize do.
+    photometric="auto" (the default): "device" when CUDA is available, else "pil": on a CPU
+    the batched float operations cost the training process more than PIL costs a worker.
+    """
+
+    BLUR_P = (1.0, 0.1, 0.5)      # global crop 1, global crop 2, local crops
+    SOLARIZE_P = (0.0, 0.2, 0.0)
 
     def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
-                 local_crops_number=10, global_crops_size=224, local_crops_size=96):
+                 local_crops_number=10, global_crops_size=224, local_crops_size=96,
+                 photometric="auto"):
         _check_crop("global", global_crops_size, global_crops_scale)
         if not isinstance(local_crops_number, int) or local_crops_number < 0:
             raise DataError(f"local_crops_number must be an integer >= 0, got "
                             f"{local_crops_number!r}: pass e.g. --local_crops_number 10")
         if local_crops_number > 0:
             _check_crop("local", local_crops_size, local_crops_scale)
-        self.local_crops_number = local_crops_number
-
-        flip_and_color_jitter = transforms.Compose([
-            transforms.RandomHorizontalFlip(p=0.5),
-            transforms.RandomApply([transforms.ColorJitter(
-                brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            transforms.RandomGrayscale(p=0.2),
-        ])
-        self.normalize = transforms.Compose([
-            transforms.ToTensor(),  # uint8 HWC [0, 255] -> float CHW [0, 1]
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        if photometric not in ("auto", "device", "pil"):
+            raise DataError(f"photometric must be 'auto', 'device' or 'pil', got {photometric!r}: "
+                            f"pass --photometric auto, device or pil")
+        if photometric == "auto":
+            photometric = "device" if torch.cuda.is_available() else "pil"
+        self.local_crops_number, self.photometric = local_crops_number, photometric
         bicubic = transforms.InterpolationMode.BICUBIC
 
-        def crop(size, scale):
-            return transforms.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic)
+        def pipeline(size, scale, blur_p, solarize_p):
+            steps = [transforms.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic),
+                     transforms.RandomHorizontalFlip(p=0.5)]
+            if photometric == "pil":
+                steps += [transforms.RandomApply([transforms.ColorJitter(
+                              brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                          transforms.RandomGrayscale(p=0.2),
+                          RandomGaussianBlur(p=blur_p)]
+                if solarize_p:
+                    steps.append(transforms.RandomSolarize(threshold=128, p=solarize_p))  # PIL ImageOps.solarize
+            steps.append(transforms.PILToTensor())  # uint8 HWC -> uint8 CHW, [0, 255]
+            return transforms.Compose(steps)
 
-        self.global_transform1 = transforms.Compose([
-            crop(global_crops_size, global_crops_scale),
-            flip_and_color_jitter,
-            RandomGaussianBlur(p=1.0),
-            self.normalize,
-        ])
-        self.global_transform2 = transforms.Compose([
-            crop(global_crops_size, global_crops_scale),
-            flip_and_color_jitter,
-            RandomGaussianBlur(p=0.1),
-            transforms.RandomSolarize(threshold=128, p=0.2),  # PIL ImageOps.solarize
-            self.normalize,
-        ])
-        self.local_transform = transforms.Compose([
-            crop(local_crops_size, local_crops_scale),
-            flip_and_color_jitter,
-            RandomGaussianBlur(p=0.5),
-            self.normalize,
-        ])
+        (b1, b2, bl), (s1, s2, sl) = self.BLUR_P, self.SOLARIZE_P
+        self.global_transform1 = pipeline(global_crops_size, global_crops_scale, b1, s1)
+        self.global_transform2 = pipeline(global_crops_size, global_crops_scale, b2, s2)
+        self.local_transform = pipeline(local_crops_size, local_crops_scale, bl, sl)
 
     def __call__(self, image):
         if image.mode != "RGB":  # grayscale/RGBA/palette inputs still give 3 channels
@@ -138,6 +155,116 @@ class MultiCropAugmentation:
         crops = [self.global_transform1(image), self.global_transform2(image)]
         crops += [self.local_transform(image) for _ in range(self.local_crops_number)]
         return crops
+
+    def on_device(self, xg, xl):
+        """xg (2, B, 3, G, G), xl (M_loc, B, 3, L, L) uint8 crops, on the training device ->
+        the same shapes in float32, augmented (photometric="device") and normalised."""
+        if xg.dtype != torch.uint8 or xl.dtype != torch.uint8:
+            raise ValueError(f"on_device takes the uint8 crops of MultiCropAugmentation, got "
+                             f"{xg.dtype} and {xl.dtype}")
+        xg, xl = xg.float() / 255, xl.float() / 255                         # as ToTensor: [0, 1]
+        if self.photometric == "device":
+            (b1, b2, bl), (s1, s2, sl) = self.BLUR_P, self.SOLARIZE_P
+
+            def per_view(p1, p2):  # (2B,): p1 for global crop 1, p2 for crop 2, made on the device (no copy, no sync)
+                p = torch.full(xg.shape[:2], p1, device=xg.device)
+                p[1] = p2
+                return p.flatten()
+            xg = photometric_augment(xg.flatten(0, 1), per_view(b1, b2), per_view(s1, s2)).view_as(xg)
+            xl = photometric_augment(xl.flatten(0, 1), bl, sl).view_as(xl)
+        return normalize(xg), normalize(xl)
+
+
+def normalize(x):
+    """(..., 3, H, W) in [0, 1] -> ImageNet-normalised, as transforms.Normalize computes it. The statistics
+    are Python numbers: a tensor of them made per call would be a host-to-device copy, which waits for the GPU."""
+    return torch.stack([(x[..., c, :, :] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], -3)
+
+
+# DINO's photometric augmentations as batched tensor operations: every view of the batch
+# draws its own parameters, with the probabilities and ranges of the PIL pipeline above.
+
+def _gray(x):  # (n, 3, H, W) -> (n, 1, H, W), the ITU-R 601-2 luma of PIL's convert("L")
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _per_view(v):  # (n,) -> (n, 1, 1, 1), to broadcast over a view's pixels
+    return v.view(-1, 1, 1, 1)
+
+
+def _shift_hue(x, shift):
+    """x (n, 3, H, W) in [0, 1], shift (n,) in turns: RGB -> HSV, hue + shift, -> RGB."""
+    maxc, minc = x.max(1).values, x.min(1).values                          # (n, H, W)
+    delta = maxc - minc
+    sat = delta / maxc.clamp_min(1e-8)
+    d = delta.clamp_min(1e-8)
+    r, g, b = x.unbind(1)
+    hue = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
+    hue = (hue / 6 + shift.view(-1, 1, 1)) % 1.0                           # (n, H, W) in turns
+    # HSV -> RGB without branches: channel c = v - v s clamp(min(k, 4 - k), 0, 1), k = (c + 6 h) mod 6
+    k = (torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6  # c = 5, 3, 1
+    return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x, apply, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """transforms.ColorJitter on each view where `apply` (n,) is True: the four adjustments
+    in a random order per view, each factor drawn per view, the result clipped to [0, 1]
+    after each one, as PIL does. Brightness, contrast and saturation are blends
+    f x + (1 - f) ref with ref = black, the mean luma, the luma image; so the order is
+    (up to three blends, the hue shift, the remaining blends), the hue shifted once."""
+    n = x.shape[0]
+    f = torch.stack([torch.empty(n, device=x.device).uniform_(1 - brightness, 1 + brightness),
+                     torch.empty(n, device=x.device).uniform_(1 - contrast, 1 + contrast),
+                     torch.empty(n, device=x.device).uniform_(1 - saturation, 1 + saturation)], 1)  # (n, 3)
+    shift = torch.empty(n, device=x.device).uniform_(-hue, hue)            # (n,)
+    order = torch.rand(n, 4, device=x.device).argsort(1)                  # (n, 4) a random permutation; 3 = hue
+    hue_at = (order == 3).int().argmax(1)                                  # (n,) position of the hue shift
+    blends = order.gather(1, (order == 3).int().argsort(dim=1, stable=True))[:, :3]  # (n, 3) the blends, in order
+
+    def blend(x, slot, active):
+        op = blends[:, slot]                                               # (n,) 0 brightness, 1 contrast, 2 saturation
+        fac = _per_view(torch.where(apply & active, f.gather(1, op[:, None]).squeeze(1), 1.0))
+        gray = _gray(x)                                                    # (n, 1, H, W)
+        ref = torch.where(_per_view(op == 2), gray,
+                          torch.where(_per_view(op == 1), gray.mean((2, 3), keepdim=True), 0.0))
+        return (fac * x + (1 - fac) * ref).clamp(0, 1)
+
+    for slot in range(3):
+        x = blend(x, slot, slot < hue_at)                                  # the blends before the hue shift
+    x = torch.where(_per_view(apply), _shift_hue(x, shift), x)
+    for slot in range(3):
+        x = blend(x, slot, slot >= hue_at)                                 # and those after it
+    return x
+
+
+def gaussian_blur(x, sigma, max_sigma=2.0):
+    """x (n, 3, H, W), sigma (n,) in pixels -> each view blurred by its own Gaussian
+    (separable, truncated at 3 max_sigma, edges replicated as PIL's blur does)."""
+    n, c, H, W = x.shape
+    r = math.ceil(3 * max_sigma)
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)           # (K,)
+    k = torch.exp(-t.square() / (2 * sigma.view(-1, 1).square()))          # (n, K)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)               # (n c, K) one kernel per channel
+    y = F.pad(x.reshape(1, n * c, H, W), (r, r, r, r), mode="replicate")
+    y = F.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)                 # along rows
+    y = F.conv2d(y, k.view(n * c, 1, -1, 1), groups=n * c)                 # along columns
+    return y.view(n, c, H, W)
+
+
+def photometric_augment(x, blur_p, solarize_p, radius_min=0.1, radius_max=2.0):
+    """x (n, 3, H, W) views in [0, 1] -> DINO's photometric augmentation of each view:
+    colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur of radius ~ U[0.1, 2] (with
+    probability blur_p), solarisation at 128/255 (probability solarize_p). blur_p and
+    solarize_p: numbers, or (n,) tensors for a probability per view."""
+    n = x.shape[0]
+    if n == 0:
+        return x
+    u = lambda: torch.rand(n, device=x.device)
+    x = color_jitter(x, u() < 0.8)
+    x = torch.where(_per_view(u() < 0.2), _gray(x).expand_as(x), x)
+    sigma = radius_min + (radius_max - radius_min) * u()
+    x = torch.where(_per_view(u() < blur_p), gaussian_blur(x, sigma, radius_max), x)
+    return torch.where(_per_view(u() < solarize_p) & (x >= 128 / 255), 1 - x, x)
 
 
 # -----------------------------------------------------------------------------

@@ -169,6 +169,12 @@ def get_args(argv=None):
                    help="Local crops per image, seen by the student only (Table 4: 10; ssl_default_config: 8).")
     p.add_argument("--global_crops_size", default=224, type=int, help="Side of the global crops in pixels (224).")
     p.add_argument("--local_crops_size", default=96, type=int, help="Side of the local crops in pixels (96).")
+    p.add_argument("--photometric", default="auto", choices=["auto", "device", "pil"],
+                   help="""Where colour jitter, grayscale, blur and solarisation run. 'device': batched in the training
+                   process after the copy (data.photometric_augment), the loader workers only decode, crop and flip:
+                   same distribution of views, about 2.5x the images/s per loader core (bench.py --loader). 'pil':
+                   DINO's exact PIL pipeline in the workers. 'auto': 'device' on CUDA, 'pil' on CPU (where the
+                   float operations would slow the step). Both send uint8 crops and normalise on the device.""")
     # Data and run
     p.add_argument("--data", default="synthetic",
                    help="""ImageFolder-style folder (one sub-folder per class; a 'train' sub-folder is used if
@@ -188,6 +194,8 @@ def get_args(argv=None):
     p.add_argument("--log_every", default=10, type=int, help="Iterations between log lines (each costs one GPU sync).")
     p.add_argument("--fsdp", action="store_true", help="Shard student and teacher with FSDP2 (fully_shard) instead of DDP.")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block.")
+    p.add_argument("--grad_checkpointing", action="store_true",
+                   help="Recompute the student's block activations in backward: far less memory, about 1/3 more compute.")
     p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
                    help="bf16 autocast on CUDA (the prototype layers, the targets and the losses stay float32). Ignored on CPU.")
     return p.parse_args(argv)
@@ -271,6 +279,7 @@ def build_networks(args):
                              drop_path_uniform=args.drop_path_uniform, layerscale=args.layerscale or None,
                              interpolate_offset=args.interpolate_offset,
                              interpolate_antialias=args.interpolate_antialias)
+    backbone.grad_checkpointing = args.grad_checkpointing  # the student recomputes in backward; the teacher (eval) never
     head = functools.partial(DINOHead, backbone.embed_dim, args.proj_hidden_dim, args.proj_dim,
                              norm_last_layer=args.norm_last_layer)
     student = Network(backbone, head(args.out_dim), head(args.ibot_out_dim) if args.ibot_separate_head else None)
@@ -760,7 +769,7 @@ def train(args):
 
     # ---- data: 2 global + local_crops_number local crops of every image
     transform = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                      args.global_crops_size, args.local_crops_size)
+                                      args.global_crops_size, args.local_crops_size, args.photometric)
     dataset = build_dataset(args.data, transform, "train", args.on_bad_image)
     grid = args.global_crops_size // args.patch_size                              # masks are drawn in the workers
     collate = functools.partial(collate_multicrop, mask_generator=BlockMaskGenerator(grid),
@@ -838,6 +847,7 @@ def train(args):
             m = m.to(device, non_blocking=True)
             xg = batch["xg"].to(device, non_blocking=True)                  # (M_glo, B, 3, G, G) global views
             xl = batch["xl"].to(device, non_blocking=True)                  # (M_loc, B, 3, L, L) local views
+            xg, xl = transform.on_device(xg, xl)                            # uint8 -> float views: --photometric, normalised
             with autocast:
                 # the student sees xmg: xg with the patches in m swapped for the mask token (inside the ViT)
                 zsg, Zsg, zsl, ysg = model(xg, idx, m, xl)                  # (M_glo, B, K), (n_masked, K'), (M_loc, B, K),

@@ -132,6 +132,12 @@ def get_args(argv=None):
                    help="Local crops per image, seen by the student only (Table 4: 10).")
     p.add_argument("--global_crops_size", default=224, type=int, help="Side of the global crops in pixels (224).")
     p.add_argument("--local_crops_size", default=96, type=int, help="Side of the local crops in pixels (96).")
+    p.add_argument("--photometric", default="auto", choices=["auto", "device", "pil"],
+                   help="""Where colour jitter, grayscale, blur and solarisation run. 'device': batched in the training
+                   process after the copy (data.photometric_augment), the loader workers only decode, crop and flip:
+                   same distribution of views, about 2.5x the images/s per loader core (bench.py --loader). 'pil':
+                   DINO's exact PIL pipeline in the workers. 'auto': 'device' on CUDA, 'pil' on CPU (where the
+                   float operations would slow the step). Both send uint8 crops and normalise on the device.""")
     # Data and run
     p.add_argument("--data", default="synthetic",
                    help="""ImageFolder-style folder (one sub-folder per class; a 'train' sub-folder is used if
@@ -151,6 +157,8 @@ def get_args(argv=None):
     p.add_argument("--log_every", default=10, type=int, help="Iterations between log lines (each costs one GPU sync).")
     p.add_argument("--fsdp", action="store_true", help="Shard student and teacher with FSDP2 (fully_shard) instead of DDP.")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block.")
+    p.add_argument("--grad_checkpointing", action="store_true",
+                   help="Recompute the student's block activations in backward: far less memory, about 1/3 more compute.")
     p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
                    help="bf16 autocast on CUDA (the loss and the coding rate stay float32/float64). Ignored on CPU.")
     return p.parse_args(argv)
@@ -195,6 +203,7 @@ def build_networks(args):
     backbone = vit.build_vit(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate,
                              img_size=args.global_crops_size, num_register_tokens=args.num_register_tokens,
                              interpolate_offset=args.interpolate_offset, interpolate_antialias=args.interpolate_antialias)
+    backbone.grad_checkpointing = args.grad_checkpointing  # the student recomputes in backward; the teacher (eval) never
     backbone.mask_token.requires_grad_(False)  # SimDINO never masks; DDP wants every trained parameter used
     student = Network(backbone, Projector(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim))
     teacher = copy.deepcopy(student)
@@ -558,7 +567,7 @@ def train(args):
 
     # ---- data: 2 global + local_crops_number local crops of every image
     transform = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                      args.global_crops_size, args.local_crops_size)
+                                      args.global_crops_size, args.local_crops_size, args.photometric)
     dataset = build_dataset(args.data, transform, "train", args.on_bad_image)
     collate = collate_multicrop
     iters_per_pass = len(dataset) // world_size // args.batch_size_per_gpu       # the last partial batch dropped
@@ -620,6 +629,7 @@ def train(args):
 
             xg = batch["xg"].to(device, non_blocking=True)                  # (M_glo, B, 3, G, G) global views
             xl = batch["xl"].to(device, non_blocking=True)                  # (M_loc, B, 3, L, L) local views
+            xg, xl = transform.on_device(xg, xl)                            # uint8 -> float views: --photometric, normalised
             with autocast:
                 zsg, zsl = model(xg, xl)                                    # (M_glo, B, d), (M_loc, B, d) student
                 with torch.no_grad():

@@ -25,6 +25,7 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 class CheckpointError(Exception):
@@ -128,7 +129,7 @@ def resize_pos_embed(pos_embed, h, w, offset, antialias):
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12, num_heads=6,
                  mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, drop_path_uniform=False, layerscale=None,
-                 num_register_tokens=0, interpolate_offset=0.1, interpolate_antialias=False):
+                 num_register_tokens=0, interpolate_offset=0.1, interpolate_antialias=False, grad_checkpointing=False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
@@ -138,6 +139,9 @@ class VisionTransformer(nn.Module):
         # how position embeddings are resized to other grids: see resize_pos_embed (defaults: DINO's and DINOv2's)
         self.interpolate_offset = interpolate_offset
         self.interpolate_antialias = interpolate_antialias
+        # recompute each block's activations in backward instead of keeping them: a block's inputs are all
+        # that training stores, for about a third more compute (one more forward). A plain attribute: set it any time.
+        self.grad_checkpointing = grad_checkpointing
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -188,10 +192,18 @@ class VisionTransformer(nn.Module):
             x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
         return x
 
+    def run_block(self, blk, x):
+        """blk(x), or under grad_checkpointing (training with autograd on) the same through
+        torch.utils.checkpoint: the non-reentrant kind, which works with torch.compile'd blocks and
+        FSDP2, and which replays the RNG so that drop path drops the same samples in the recompute."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
     def forward_features(self, x, masks=None):
         x = self.prepare_tokens(x, masks)
         for blk in self.blocks:
-            x = blk(x)
+            x = self.run_block(blk, x)
         x = self.norm(x)                                                              # (B, 1 + R + N, D)
         r = 1 + self.num_register_tokens
         return {"cls": x[:, 0], "registers": x[:, 1:r], "patches": x[:, r:]}
@@ -201,7 +213,7 @@ class VisionTransformer(nn.Module):
         x = self.prepare_tokens(x)
         outputs = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = self.run_block(blk, x)
             if i >= len(self.blocks) - n:
                 outputs.append(self.norm(x))
         return outputs

@@ -23,9 +23,9 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, BlockMaskGenerator, DataError,
 # -----------------------------------------------------------------------------
 # MultiCropAugmentation
 
-def small_aug(n_local=3):
+def small_aug(n_local=3, photometric="device"):
     return MultiCropAugmentation(global_crops_size=32, local_crops_size=16,
-                                 local_crops_number=n_local)
+                                 local_crops_number=n_local, photometric=photometric)
 
 
 def flat(t):
@@ -41,30 +41,43 @@ def of_type(t, cls):
     return [x for x in flat(t) if isinstance(x, cls)]
 
 
-def test_multicrop_count_and_shapes():
+def views(aug, img):
+    """The float views of one image as training sees them: workers' uint8 crops, then on_device."""
+    batch = collate_multicrop([(aug(img), 0)])
+    xg, xl = aug.on_device(batch["xg"], batch["xl"])
+    return [*xg[:, 0], *xl[:, 0]]
+
+
+@pytest.mark.parametrize("photometric", ["device", "pil"])
+def test_multicrop_count_and_shapes(photometric):
     img = SyntheticShapes(num_images=1)[0][0]
-    crops = small_aug(3)(img)
+    aug = small_aug(3, photometric)
+    crops = aug(img)
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
-    assert all(c.dtype == torch.float32 for c in crops)
-    assert len(small_aug(0)(img)) == 2
+    assert all(c.dtype == torch.uint8 for c in crops)   # a quarter of float32's bytes to the training process
+    assert [tuple(v.shape) for v in views(aug, img)] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    assert all(v.dtype == torch.float32 for v in views(aug, img))
+    assert len(small_aug(0, photometric)(img)) == 2 and len(views(small_aug(0, photometric), img)) == 2
 
 
-def test_multicrop_black_image_maps_to_minus_mean_over_std():
+@pytest.mark.parametrize("photometric", ["device", "pil"])
+def test_multicrop_black_image_maps_to_minus_mean_over_std(photometric):
     # black survives every random op (crop, flip, jitter, grayscale, blur, solarize < 128)
     expected = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
     black = Image.new("RGB", (48, 48))
     torch.manual_seed(0)
     for _ in range(3):
-        for c in small_aug(2)(black):
+        for c in views(small_aug(2, photometric), black):
             assert torch.allclose(c, expected[:, None, None].expand_as(c), atol=1e-5)
 
 
-def test_multicrop_value_range_is_normalised():
+@pytest.mark.parametrize("photometric", ["device", "pil"])
+def test_multicrop_value_range_is_normalised(photometric):
     lo = (0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     hi = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     ds = SyntheticShapes(num_images=10)
     torch.manual_seed(0)
-    crops = [c for i in range(10) for c in small_aug(2)(ds[i][0])]
+    crops = [c for i in range(10) for c in views(small_aug(2, photometric), ds[i][0])]
     for c in crops:
         assert (c >= lo[:, None, None] - 1e-5).all() and (c <= hi[:, None, None] + 1e-5).all()
     allc = torch.cat([c.flatten(1) for c in crops], 1)  # (3, pixels)
@@ -74,20 +87,22 @@ def test_multicrop_value_range_is_normalised():
 
 def test_multicrop_is_reproducible_from_torch_seed():
     img = SyntheticShapes(num_images=1)[0][0]
-    aug = small_aug(3)
-    torch.manual_seed(123)
-    a = aug(img)
-    torch.manual_seed(123)
-    b = aug(img)
-    torch.manual_seed(124)
-    c = aug(img)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    for photometric in ("device", "pil"):
+        aug = small_aug(3, photometric)
+        torch.manual_seed(123)
+        a = views(aug, img)
+        torch.manual_seed(123)
+        b = views(aug, img)
+        torch.manual_seed(124)
+        c = views(aug, img)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
 def test_multicrop_per_crop_parameters_follow_dino():
-    aug = MultiCropAugmentation(global_crops_scale=(0.3, 0.9), local_crops_scale=(0.1, 0.3),
-                                local_crops_number=4, global_crops_size=40, local_crops_size=24)
+    kw = dict(global_crops_scale=(0.3, 0.9), local_crops_scale=(0.1, 0.3),
+              local_crops_number=4, global_crops_size=40, local_crops_size=24)
+    aug = MultiCropAugmentation(**kw, photometric="pil")
     g1, g2, loc = aug.global_transform1, aug.global_transform2, aug.local_transform
     assert [b.p for b in of_type(g1, RandomGaussianBlur)] == [1.0]
     assert [b.p for b in of_type(g2, RandomGaussianBlur)] == [0.1]
@@ -98,6 +113,9 @@ def test_multicrop_per_crop_parameters_follow_dino():
     assert of_type(g1, transforms.RandomSolarize) == of_type(loc, transforms.RandomSolarize) == []
     (sol,) = of_type(g2, transforms.RandomSolarize)
     assert (sol.p, sol.threshold) == (0.2, 128)
+    # the device path draws the same probabilities, per view, in the training process
+    assert MultiCropAugmentation.BLUR_P == (1.0, 0.1, 0.5) and MultiCropAugmentation.SOLARIZE_P == (0.0, 0.2, 0.0)
+    dev = MultiCropAugmentation(**kw, photometric="device")
     for t, size, scale in ((g1, 40, (0.3, 0.9)), (g2, 40, (0.3, 0.9)), (loc, 24, (0.1, 0.3))):
         (rrc,) = of_type(t, transforms.RandomResizedCrop)
         assert tuple(rrc.size) == (size, size) and tuple(rrc.scale) == scale
@@ -111,9 +129,14 @@ def test_multicrop_per_crop_parameters_follow_dino():
         assert apply.p == 0.8
         (gray,) = of_type(t, transforms.RandomGrayscale)
         assert gray.p == 0.2
-        (norm,) = of_type(t, transforms.Normalize)
-        assert tuple(norm.mean) == IMAGENET_MEAN and tuple(norm.std) == IMAGENET_STD
-        assert isinstance(flat(t)[-1], transforms.Normalize)
+        assert isinstance(flat(t)[-1], transforms.PILToTensor)  # uint8 out; on_device normalises
+    for t in (dev.global_transform1, dev.global_transform2, dev.local_transform):  # workers: crop and flip only
+        assert [type(x) for x in flat(t)] == [transforms.RandomResizedCrop, transforms.RandomHorizontalFlip,
+                                             transforms.PILToTensor]
+    with pytest.raises(DataError, match="--photometric"):
+        MultiCropAugmentation(photometric="gpu")
+    # auto: the batched float operations where a GPU runs them, PIL on a CPU
+    assert MultiCropAugmentation().photometric == ("device" if torch.cuda.is_available() else "pil")
 
 
 def test_gaussian_blur_probability():
