@@ -178,7 +178,8 @@ def get_args(argv=None):
     # Data and run
     p.add_argument("--data", default="synthetic",
                    help="""ImageFolder-style folder (one sub-folder per class; a 'train' sub-folder is used if
-                   present), or 'synthetic' for the embedded shapes dataset (no files needed; 'synthetic:N' for N images).""")
+                   present), 'synthetic' for the embedded shapes dataset (no files needed; 'synthetic:N' for N images), or
+                   'cifar10:ROOT' for torchvision's CIFAR-10 files under ROOT (downloaded there on first use).""")
     p.add_argument("--on_bad_image", default="skip", choices=["skip", "stop"],
                    help="An unreadable or truncated image is skipped and counted, or stops the run.")
     p.add_argument("--num_workers", default=8, type=int, help="Data-loading processes per GPU.")

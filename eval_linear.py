@@ -72,7 +72,9 @@ def get_args(argv=None):
     # Data
     p.add_argument("--data", default="synthetic",
                    help="""ImageFolder-style folder with train/ and val/ (or test/) sub-folders of class folders, or
-                   'synthetic' / 'synthetic:N' for the embedded shapes dataset (N images per split).""")
+                   'synthetic' / 'synthetic:N' for the embedded shapes dataset (N images per split), or 'cifar10:ROOT' for
+                   torchvision's CIFAR-10 files under ROOT (train: its 50,000 training images; val: its 10,000 test
+                   images; downloaded there on first use).""")
     p.add_argument("--resize_size", default=256, type=int,
                    help="""Evaluation: shorter side after the bicubic resize (Appendix A and DINO: 256).
                    For the 64 px synthetic images: 36.""")
