@@ -481,7 +481,7 @@ def load_training_state(path, student, teacher, optimizer):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                                            # truncated, not a torch file, unsafe pickle ...
-        fail(f"--resume: cannot read {path} ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}): pass "
+        fail(f"--resume: cannot read {path} ({type(e).__name__}; truncated, or not a PyTorch checkpoint): pass "
              f"a checkpoint.pth written by this script")
     if not isinstance(ckpt, dict) or not {"student", "teacher", "optimizer", "iteration"} <= ckpt.keys():
         fail(f"--resume: {path} is not a training checkpoint of this script (it has no student, teacher, "
