@@ -521,20 +521,10 @@ class CIFAR10Dataset(Dataset):
         if not os.path.isdir(folder):
             _download_cifar10(os.fspath(root))
         names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        data, labels = [], []
-        for name in names:
-            path = os.path.join(folder, name)
-            try:
-                with open(path, "rb") as f:
-                    batch = pickle.load(f, encoding="latin1")
-                data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                labels += [int(t) for t in batch["labels"]]
-                if name == names[0]:
-                    with open(os.path.join(folder, "batches.meta"), "rb") as f:
-                        self.classes = list(pickle.load(f, encoding="latin1")["label_names"])
-            except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
-                raise DataError(f"cannot read CIFAR-10 file '{path}' ({type(e).__name__}): delete "
-                                f"'{folder}' to download it again") from None
+        self.classes = list(_unpickle(folder, "batches.meta", "label_names")["label_names"])
+        batches = [_unpickle(folder, name, "data", "labels") for name in names]
+        data = [np.asarray(b["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches]
+        labels = [int(t) for b in batches for t in b["labels"]]
         self.images = np.concatenate(data).transpose(0, 2, 3, 1)  # (N, 32, 32, 3) uint8
         self.targets, self.transform = labels, transform
         self.num_skipped = 0  # the pickles have no unreadable images
@@ -545,6 +535,20 @@ class CIFAR10Dataset(Dataset):
     def __getitem__(self, i):
         img = Image.fromarray(self.images[i])
         return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+def _unpickle(folder, name, *keys):
+    """One of CIFAR-10's pickled files, a dict with these keys; a one-line DataError if it cannot be read."""
+    path = os.path.join(folder, name)
+    try:
+        with open(path, "rb") as f:
+            out = pickle.load(f, encoding="latin1")
+        if not isinstance(out, dict) or any(k not in out for k in keys):
+            raise ValueError(f"not a dict with {', '.join(keys)}")
+        return out
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"cannot read CIFAR-10 file '{path}' ({type(e).__name__}): delete "
+                        f"'{folder}' to download it again") from None
 
 
 def _download_cifar10(root):
