@@ -36,8 +36,8 @@ case $method in
   # their schedules start (0.04 -> 0.07 over 30 epochs, longer than this whole run). With a one-epoch
   # warm-up, DINO's per-epoch schedule switches to 0.07 at iteration 250, and DINO collapsed to the
   # uniform distribution right after (README)
-  # DINO alone at its own lr, 0.0005 per 256 images: at the others' 0.002 its teacher's entropy swung
-  # between near one-hot and near uniform from iteration 50 on, and ended near uniform (README)
+  # DINO alone at its own lr, 0.0005 per 256 images, tried after the others' 0.002 swung its teacher
+  # between near one-hot and near uniform; at 0.0005 it still collapsed to uniform (README)
   dino)      own=(--out_dim 4096 --teacher_temp 0.04 --warmup_teacher_temp_epochs 0 --lr 0.0005) ;;
   dinov2)    own=(--out_dim 4096 --ibot_out_dim 4096 --teacher_temp 0.04 --warmup_teacher_temp_epochs 0) ;;
   # SimDINO and SimDINOv2: the coding-rate weight the paper's own batch gave, not this run's batch of 64
