@@ -15,7 +15,8 @@
 # checkpoints (the figure's curve).
 # STAGES selects what runs (default "train knn linear knn_curve"); EPOCH_LENGTH, EPOCHS, LINEAR_EPOCHS and
 # NUM_WORKERS shrink or grow the run (the CI test runs this file on a few hundred fake images); SEED (default 0,
-# the README's runs) changes the initialisation, the data order and the crops, to measure run-to-run noise.
+# the README's runs) changes the initialisation, the data order, the crops and the drop-path draws, to measure
+# run-to-run noise.
 set -euo pipefail
 method=$1; data=$2; out=$3
 EPOCH_LENGTH=${EPOCH_LENGTH:-250}
