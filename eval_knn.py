@@ -14,6 +14,13 @@ Top-1 and top-5 accuracy are reported for k = 10, 20, 100, 200 in one run (paper
     torchrun --nproc_per_node=8 eval_knn.py --checkpoint dinov2_vits14_reg4_pretrain.pth --data /path/to/imagenet
     python eval_knn.py --checkpoint out/simdino_synthetic/checkpoint.pth --data synthetic:2000 \\
         --resize_size 36 --crop_size 32 --compare_init                            # trained vs. the same net at init
+    python eval_knn.py --checkpoint out/dinov2/checkpoint.pth --compare_init --init_layerscale 0.1   # DINOv2 (below)
+    python eval_knn.py --raw_pixels --data data/cifar10 --resize_size 32 --crop_size 32          # no network at all
+
+Two floors put a trained network's figure in context. --compare_init: the same architecture freshly initialised,
+with the run's own seed. DINOv2 starts its residual branches at layerscale 1e-5, so its fresh network gives every
+image nearly the same feature and that floor is decided by float32 rounding (near chance); --init_layerscale 0.1
+gives the same architecture a floor that is not. --raw_pixels: no network, k-NN on the normalised pixels.
 """
 import argparse
 import json
@@ -42,6 +49,15 @@ def add_interpolation_args(p):
                    models and SimDINOv2: on; DINO, SimDINO and DINOv2 without registers: off).""")
 
 
+def add_init_layerscale_arg(p):
+    p.add_argument("--init_layerscale", default=None, type=float,
+                   help="""Initial layerscale of the --compare_init network, for checkpoints whose blocks have
+                   layerscale (DINOv2, SimDINOv2). Default: the run's own initial value when its args record it
+                   (dinov2.py: 1e-5, simdinov2.py: 0.1), else 0.1 (SimDINOv2, Table 4). At DINOv2's 1e-5 every image
+                   gets nearly the same feature and the floor is decided by float32 rounding: 0.1 gives a floor of
+                   the same architecture that is not. The output names the value and where it came from.""")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser("eval_knn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Backbone
@@ -55,8 +71,15 @@ def get_args(argv=None):
     p.add_argument("--compare_init", action="store_true",
                    help="""Also evaluate the same architecture freshly initialised (torch.manual_seed(--seed), built as
                    the training scripts build it) and print both lines: what training added over the random network.""")
+    add_init_layerscale_arg(p)
     p.add_argument("--seed", default=None, type=int,
                    help="Seed of the --compare_init network. Default: the checkpoint's own args.seed, else 0.")
+    p.add_argument("--raw_pixels", action="store_true",
+                   help="""No network: k-NN on the evaluation transform's output itself (bicubic resize, centre crop,
+                   ImageNet mean/std, exactly as a network sees it) flattened to 3 x crop_size x crop_size values,
+                   with the same protocol (L2-normalised, cosine, exp(sim / T) votes, --nb_knn, top-1 / top-5): the
+                   model-free floor. Takes no --checkpoint, --compare_init or saved features; the JSON says
+                   "raw-pixel floor" and goes to <output_dir or .>/raw_pixels_knn.json unless --output_json.""")
     # Data
     p.add_argument("--data", default="synthetic",
                    help="""ImageFolder-style folder with train/ and val/ (or test/) sub-folders of class folders, or
@@ -88,9 +111,11 @@ def get_args(argv=None):
     p.add_argument("--load_features", default=None, metavar="DIR",
                    help="Skip the backbone: load DIR/knn_features.pth written by --save_features.")
     p.add_argument("--output_json", default=None,
-                   help="""Where the result is written as JSON. Default:
-                   <output_dir or the checkpoint's folder>/<checkpoint name>_knn.json.""")
-    p.add_argument("--output_dir", default=None, help="Folder for the default JSON file (default: the checkpoint's folder).")
+                   help="""Where the result is written as JSON. Default: <output_dir or the checkpoint's
+                   folder>/<checkpoint name>_knn.json (--raw_pixels: <output_dir or .>/raw_pixels_knn.json).""")
+    p.add_argument("--output_dir", default=None,
+                   help="""Folder for the default JSON file (default: the checkpoint's folder; --raw_pixels: the
+                   current folder).""")
     return p.parse_args(argv)
 
 
@@ -181,7 +206,7 @@ def extract_features(model, dataset, device, batch_size=128, num_workers=0, rank
     for x, y in tqdm(loader, desc="features", disable=rank != 0, dynamic_ncols=True):
         with autocast:
             features.append(model(x.to(device, non_blocking=True)).float())        # (B, D)
-        labels.append(torch.as_tensor(y).to(device))                               # (B,)
+        labels.append(torch.as_tensor(y).to(device, non_blocking=True))            # (B,) pinned: no sync
     features, labels = torch.cat(features), torch.cat(labels)                      # (N / W, D), (N / W,)
     if world_size > 1:
         features = gather_in_order(features, len(dataset), world_size)             # (N, D)
@@ -236,19 +261,51 @@ def random_twin(model, seed, layerscale=0.1):
     torch.manual_seed(seed)
     arch = arch_name(model).split("/")[0]
     grid = math.isqrt(model.pos_embed.shape[1] - 1)
-    has_ls = isinstance(model.blocks[0].ls1, vit.LayerScale)
     twin = vit.build_vit(arch, img_size=grid * model.patch_size, patch_size=model.patch_size,
-                         num_register_tokens=model.num_register_tokens, layerscale=layerscale if has_ls else None,
+                         num_register_tokens=model.num_register_tokens,
+                         layerscale=layerscale if has_layerscale(model) else None,
                          interpolate_offset=model.interpolate_offset, interpolate_antialias=model.interpolate_antialias)
     return twin.to(model.pos_embed.device).eval()
 
 
+def has_layerscale(model):
+    return isinstance(model.blocks[0].ls1, vit.LayerScale)
+
+
 def init_settings(args, ckpt_args):
-    """(seed, layerscale) of the --compare_init network: --seed, else the run's own seed, else 0; the run's initial
-    layerscale if its args record it, else 0.1 (SimDINOv2, Table 4)."""
+    """(seed, layerscale, where the layerscale came from) of the --compare_init network: --seed, else the run's own
+    seed, else 0; --init_layerscale, else the run's initial layerscale if its args record it, else 0.1 (SimDINOv2,
+    Table 4)."""
     seed = args.seed if args.seed is not None else int(ckpt_args.get("seed", 0))
+    if getattr(args, "init_layerscale", None) is not None:
+        return seed, float(args.init_layerscale), "--init_layerscale"
     ls = ckpt_args.get("layerscale")
-    return seed, float(ls) if isinstance(ls, (int, float)) and ls > 0 else 0.1
+    if isinstance(ls, (int, float)) and not isinstance(ls, bool) and ls > 0:
+        return seed, float(ls), "the run's own"
+    return seed, 0.1, "default: SimDINOv2's"
+
+
+def init_floor(model, seed, layerscale, source):
+    """(printed name, JSON fields) of the --compare_init network: which floor it is."""
+    name = f"{arch_name(model)} random init, seed {seed}"
+    fields = {"seed": seed, "floor": "--compare_init: the same architecture, freshly initialised"}
+    if has_layerscale(model):
+        name += f", layerscale {layerscale:g} ({source})"
+        fields.update(layerscale=layerscale, layerscale_from=source)
+    return name, fields
+
+
+def check_init_layerscale(args, model=None):
+    """--init_layerscale only sets the --compare_init network's layerscale: refuse it where it would do nothing
+    (model: the loaded backbone, once there is one)."""
+    if args.init_layerscale is None:
+        return
+    if not args.compare_init:
+        fail(f"--init_layerscale {args.init_layerscale:g} sets the --compare_init network: add --compare_init")
+    if not args.init_layerscale > 0:
+        fail(f"--init_layerscale {args.init_layerscale:g} must be positive (DINOv2: 1e-5, SimDINOv2: 0.1)")
+    if model is not None and not has_layerscale(model):
+        fail(f"--init_layerscale: the checkpoint's {arch_name(model)} blocks have no layerscale; drop the flag")
 
 
 def eval_transform(resize_size, crop_size):
@@ -268,18 +325,37 @@ def check_crop(args, model):
 
 
 def build_splits(args, train_transform, val_transform):
-    """(train, val) datasets of --data with the same classes."""
+    """(train, val) datasets of --data: two different image sets with the same classes, at least 2 of them.
+
+    data.build_dataset reads a folder without train/ (val/, test/) sub-folders as the class root itself, for both
+    splits (right for training, where labels are unused): here that would score the images against themselves."""
+    data = str(args.data)
+    folder = not (data == "synthetic" or data.startswith(("synthetic:", "cifar10:")))
+    splits = [os.path.join(data, s) for s in ("train", "val", "test")]
+    if folder and os.path.isdir(data) and not any(os.path.isdir(s) for s in splits):
+        raise DataError(f"--data {data} has no train/ and val/ (or test/) sub-folders, so its images would be "
+                        f"evaluated against themselves: put them in {os.path.join(data, 'train')}/<class>/ and "
+                        f"{os.path.join(data, 'val')}/<class>/ (different images)")
     train_set = build_dataset(args.data, train_transform, "train", args.on_bad_image)
     val_set = build_dataset(args.data, val_transform, "val", args.on_bad_image)
+    roots = [getattr(s, "root", None) for s in (train_set, val_set)]
+    if folder and None not in roots and os.path.realpath(roots[0]) == os.path.realpath(roots[1]):
+        raise DataError(f"--data {data}: train/ and val/ are the same folder ({os.path.realpath(roots[0])}), so its "
+                        f"images would be evaluated against themselves: give val/ (or test/) its own images")
     if list(train_set.classes) != list(val_set.classes):
         raise DataError(f"--data {args.data}: train has classes {train_set.classes[:3]}... ({len(train_set.classes)}) "
                         f"but val has {val_set.classes[:3]}... ({len(val_set.classes)}): give both the same class folders")
+    if len(train_set.classes) < 2:
+        raise DataError(f"--data {args.data} has a single class ('{train_set.classes[0]}'): accuracy over one class "
+                        f"is 100 % whatever the features; give train/ and val/ at least 2 class folders")
     return train_set, val_set
 
 
 def default_json(args, suffix):
     if args.output_json:
         return args.output_json
+    if getattr(args, "raw_pixels", False):                                       # no checkpoint to sit next to
+        return os.path.join(args.output_dir or ".", f"raw_pixels_{suffix}.json")
     folder = args.output_dir or (args.load_features if getattr(args, "load_features", None) else None) \
         or os.path.dirname(os.path.abspath(args.checkpoint))
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint else "features"
@@ -296,10 +372,17 @@ def write_json(obj, path):
 # ----------------------------------------------------------------------------- main
 
 def check_args(args):
-    if args.checkpoint is None and args.load_features is None:
+    if args.raw_pixels:
+        for flag, given in (("--checkpoint", args.checkpoint is not None), ("--compare_init", args.compare_init),
+                            ("--init_layerscale", args.init_layerscale is not None),
+                            ("--load_features", args.load_features), ("--save_features", args.save_features)):
+            if given:
+                fail(f"--raw_pixels evaluates the pixels themselves, without a network: drop {flag}")
+    elif args.checkpoint is None and args.load_features is None:
         fail("pass --checkpoint PATH (a training checkpoint or a released backbone), or --load_features DIR")
     if args.load_features and args.compare_init:
         fail("--compare_init needs the backbone: it cannot be combined with --load_features")
+    check_init_layerscale(args)
     if min(args.nb_knn) < 1:
         fail(f"--nb_knn {' '.join(map(str, args.nb_knn))}: every k must be >= 1")
     for name in ("temperature", "chunk_size", "batch_size_per_gpu", "resize_size", "crop_size"):
@@ -337,25 +420,49 @@ def load_saved_features(folder):
     return path, feats
 
 
+def near_identical(features, n=512, tol=1e-4):
+    """True when the first n rows' cosine similarities all lie within tol of 1: every image has (nearly) the same
+    feature, so the k-NN vote is decided by float32 rounding, not by the images (DINOv2 at its 1e-5 init)."""
+    f = F.normalize(features[:n].float(), dim=1)
+    return len(f) > 1 and (f @ f.T).min().item() > 1 - tol
+
+
+NEAR_IDENTICAL = ("every image's feature is nearly the same (all cosine similarities within 1e-4 of 1): "
+                  "the k-NN vote is decided by float32 rounding, not a measure of the images")
+
+
 def main(args):
     rank, world_size, device = init_distributed()
     check_args(args)
     if args.load_features:
         path, feats = load_saved_features(args.load_features)
         info, runs = {"features": path}, [("checkpoint", f"features from {path}", feats)]
+    elif args.raw_pixels:
+        transform = eval_transform(args.resize_size, args.crop_size)
+        train_set, val_set = build_splits(args, transform, transform)
+        dim = 3 * args.crop_size ** 2
+        name = f"raw-pixel floor, no network: {dim} normalised pixel values (3 x {args.crop_size} x {args.crop_size})"
+        runs = [("checkpoint", name, extract_splits(torch.nn.Flatten(), train_set, val_set, args, rank, world_size,
+                                                    device))]
+        info = {"floor": "raw-pixel floor: k-NN on the normalised pixels, no network", "features": "raw_pixels",
+                "feature_dim": dim, "checkpoint": None, "backbone": None,
+                "data": args.data, "resize_size": args.resize_size, "crop_size": args.crop_size,
+                "skipped_images": getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0)}
     else:
         model, ckpt_args = load_backbone(args.checkpoint, args.checkpoint_key, args.interpolate_offset,
                                          args.interpolate_antialias)
         check_crop(args, model)
+        check_init_layerscale(args, model)
         transform = eval_transform(args.resize_size, args.crop_size)
         train_set, val_set = build_splits(args, transform, transform)
         name = f"{arch_name(model)} {args.checkpoint_key}, {args.checkpoint}"
         runs = [("checkpoint", name, extract_splits(model, train_set, val_set, args, rank, world_size, device))]
         if args.compare_init:
-            seed, ls = init_settings(args, ckpt_args)
+            seed, ls, source = init_settings(args, ckpt_args)
+            init_name, fields = init_floor(model, seed, ls, source)
             twin = random_twin(model, seed, ls)
-            runs.append(("init", f"{arch_name(model)} random init, seed {seed}",
-                         {"seed": seed, **extract_splits(twin, train_set, val_set, args, rank, world_size, device)}))
+            runs.append(("init", init_name,
+                         {**fields, **extract_splits(twin, train_set, val_set, args, rank, world_size, device)}))
         if args.save_features and rank == 0:
             os.makedirs(args.save_features, exist_ok=True)
             for label, _, feats in runs:
@@ -378,10 +485,15 @@ def main(args):
             print(result_line(name, accs))
             entry = {"num_train": n_train, "num_val": len(feats["test_features"]), "num_classes": feats["num_classes"],
                      "knn": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in accs.items()}}
+            if near_identical(feats["test_features"]):
+                fix = "; --init_layerscale 0.1 gives a floor that is not" if "layerscale" in feats else ""
+                print(f"note ({name}): {NEAR_IDENTICAL}{fix}")
+                entry["note"] = NEAR_IDENTICAL
             if label == "checkpoint":
                 result.update(entry)
             else:
-                result[label] = {"seed": feats["seed"], **entry}
+                result[label] = {k: feats[k] for k in ("seed", "floor", "layerscale", "layerscale_from") if k in feats}
+                result[label].update(entry)
         path = default_json(args, "knn")
         write_json(result, path)
         print(f"written to {path}")

@@ -17,6 +17,10 @@ the shorter side to 256 (bicubic), centre crop 224 (the SimDINO paper's Appendix
     torchrun --nproc_per_node=8 eval_linear.py --checkpoint dino_vitbase16_pretrain.pth --data /path/to/imagenet
     python eval_linear.py --checkpoint out/simdino_synthetic/checkpoint.pth --data synthetic:2000 \\
         --resize_size 36 --crop_size 32 --epochs 10 --compare_init        # trained vs. the same net at init
+    python eval_linear.py --checkpoint out/dinov2/checkpoint.pth --compare_init --init_layerscale 0.1
+
+--compare_init's floor of a DINOv2 run is at its own layerscale 1e-5, where every image has nearly the same
+feature; --init_layerscale 0.1 gives the same architecture a floor that is not decided by float32 rounding.
 """
 import argparse
 import math
@@ -30,8 +34,9 @@ from tqdm import tqdm
 
 import vit
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError
-from eval_knn import (add_interpolation_args, arch_name, build_splits, check_crop, default_json, eval_transform, fail,
-                      init_distributed, init_settings, load_backbone, random_twin, write_json)  # the loading and data code both share
+from eval_knn import (add_init_layerscale_arg, add_interpolation_args, arch_name, build_splits, check_crop,
+                      check_init_layerscale, default_json, eval_transform, fail, init_distributed, init_floor,
+                      init_settings, load_backbone, random_twin, write_json)  # the loading and data code both share
 
 DINOV2_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
 
@@ -49,6 +54,7 @@ def get_args(argv=None):
     p.add_argument("--compare_init", action="store_true",
                    help="""Also probe the same architecture freshly initialised (torch.manual_seed(--seed), built as
                    the training scripts build it) and print both lines: what training added over the random network.""")
+    add_init_layerscale_arg(p)
     p.add_argument("--seed", default=None, type=int,
                    help="""Seed of the classifiers, the data order and the --compare_init network.
                    Default: the checkpoint's args.seed, else 0.""")
@@ -119,11 +125,14 @@ class LinearHeads(nn.Module):
         return torch.stack([head(f) for head in self.heads])                       # (L, B, C) logits of each head
 
 
-def train_heads(heads, loader, feature_fn, lrs, epochs, device, momentum=0.9, weight_decay=0.0, rank=0):
+def train_heads(heads, loader, feature_fn, lrs, epochs, device, momentum=0.9, weight_decay=0.0, rank=0,
+                show_every=100):
     """SGD with a cosine schedule from lrs[i] to 0 for head i (DINO steps it per epoch, here per iteration: the
     same curve, smoother); heads may be wrapped in DDP.
 
     feature_fn maps a batch of the loader's inputs to (B, F) features, under no_grad: the backbone is frozen.
+    The progress bar shows the epoch's mean loss per head so far, every show_every iterations and at the end of
+    the epoch: the running sum stays on the device in between (reading it is a GPU sync).
     """
     module = heads.module if hasattr(heads, "module") else heads
     optimizer = torch.optim.SGD([{"params": h.parameters(), "lr": lr} for h, lr in zip(module.heads, lrs)],
@@ -133,6 +142,7 @@ def train_heads(heads, loader, feature_fn, lrs, epochs, device, momentum=0.9, we
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         bar = tqdm(loader, desc=f"linear epoch {epoch}", disable=rank != 0, dynamic_ncols=True)
+        running = torch.zeros((), device=device)                                   # sum of this epoch's losses
         for i, (x, y) in enumerate(bar):
             scale = 0.5 * (1 + math.cos(math.pi * (epoch * len(loader) + i) / total))    # cosine, 1 -> 0
             for group, lr in zip(optimizer.param_groups, lrs):
@@ -145,8 +155,9 @@ def train_heads(heads, loader, feature_fn, lrs, epochs, device, momentum=0.9, we
             optimizer.zero_grad(set_to_none=True)
             loss.backward()                                                        # DDP averages over processes
             optimizer.step()
-            if rank == 0 and i % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item() / len(lrs):.3f}")
+            running += loss.detach()
+            if rank == 0 and ((i + 1) % show_every == 0 or i + 1 == len(loader)):
+                bar.set_postfix(loss=f"{running.item() / ((i + 1) * len(lrs)):.3f}")   # mean per head and batch
     return heads
 
 
@@ -161,7 +172,7 @@ def evaluate_heads(heads, loader, feature_fn, device, world_size=1):
     n = torch.zeros((), dtype=torch.long, device=device)
     for x, y in loader:
         logits = heads(feature_fn(x.to(device, non_blocking=True)))                 # (L, B, C)
-        y = torch.as_tensor(y).to(device)                                          # (B,)
+        y = torch.as_tensor(y).to(device, non_blocking=True)                       # (B,) pinned: no sync
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y[None, :, None]   # (L, B, 5)
         batch_hits = torch.stack([top[..., 0].sum(1), top.any(-1).sum(1)], dim=1)  # (L, 2)
         hits += batch_hits
@@ -187,6 +198,7 @@ def train_transform(crop_size):
 def check_args(args):
     if args.checkpoint is None:
         fail("pass --checkpoint PATH (a training checkpoint or a released backbone)")
+    check_init_layerscale(args)
     if not args.lrs or min(args.lrs) <= 0:
         fail(f"--lrs {' '.join(map(str, args.lrs))}: every learning rate must be positive")
     for name in ("epochs", "batch_size_per_gpu", "resize_size", "crop_size"):
@@ -238,6 +250,7 @@ def main(args):
     model, ckpt_args = load_backbone(args.checkpoint, args.checkpoint_key, args.interpolate_offset,
                                      args.interpolate_antialias)
     check_crop(args, model)
+    check_init_layerscale(args, model)
     small = model.embed_dim <= vit.ARCHS["vit_small"][0]
     if args.n_last_blocks is None:
         args.n_last_blocks = 4 if small else 1                                     # DINO's per-size defaults
@@ -247,10 +260,11 @@ def main(args):
         fail(f"--n_last_blocks {args.n_last_blocks} must be between 1 and the backbone's {len(model.blocks)} blocks")
     train_set, val_set = build_splits(args, train_transform(args.crop_size),
                                       eval_transform(args.resize_size, args.crop_size))
-    seed, ls = init_settings(args, ckpt_args)
+    seed, ls, source = init_settings(args, ckpt_args)
+    init_name, init_fields = init_floor(model, seed, ls, source)
     nets = [("checkpoint", f"{arch_name(model)} {args.checkpoint_key}, {args.checkpoint}", model)]
     if args.compare_init:
-        nets.append(("init", f"{arch_name(model)} random init, seed {seed}", random_twin(model, seed, ls)))
+        nets.append(("init", init_name, random_twin(model, seed, ls)))
 
     result = {"checkpoint": args.checkpoint, "checkpoint_key": args.checkpoint_key, "backbone": arch_name(model),
               "data": args.data, "num_train": len(train_set), "num_val": len(val_set),
@@ -266,7 +280,7 @@ def main(args):
         if label == "checkpoint":
             result.update(res)
         else:
-            result[label] = res
+            result[label] = {**init_fields, **res}
     result["skipped_images"] = getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0)
     if rank == 0:
         path = default_json(args, "linear")

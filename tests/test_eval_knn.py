@@ -1,11 +1,14 @@
 """eval_knn.py: the weighted vote by hand, chunking, top-5 corner cases, ordered gathering over 2 processes,
-every checkpoint layout, the script end to end, bad input."""
+every checkpoint layout, the --compare_init floor and its layerscale, the raw-pixel floor against numpy, the script
+end to end, bad input (folders without splits, one class)."""
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,7 +17,8 @@ import torch.nn as nn
 
 import eval_knn
 import vit
-from test_simdino_dist import free_port
+from PIL import Image
+from dist_step import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "synthetic:30", "--resize_size", "18", "--crop_size", "16", "--num_workers", "0",
@@ -116,6 +120,21 @@ def extract_worker(rank, world_size, port, out):
     dist.destroy_process_group()
 
 
+def test_extraction_copies_images_and_labels_without_blocking(monkeypatch):
+    """Labels come off pinned memory with non_blocking=True, as the images do: no host sync per batch."""
+    calls = []
+    orig_to = torch.Tensor.to
+
+    def to(self, *a, **kw):
+        calls.append(kw.get("non_blocking", False))
+        return orig_to(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    f, y = eval_knn.extract_features(ReadIndex(), IndexImages(), torch.device("cpu"), batch_size=3)
+    assert len(calls) == 6 and all(calls)                               # 3 batches x (images, labels)
+    assert y.tolist() == [i % 3 for i in range(7)]
+
+
 def test_distributed_extraction_keeps_dataset_order(tmp_path):
     single = eval_knn.extract_features(ReadIndex(), IndexImages(), torch.device("cpu"), batch_size=3)
     index = torch.arange(7.0)
@@ -213,12 +232,167 @@ def test_compare_init_rebuilds_the_training_runs_initial_network(method, tmp_pat
     student, teacher = script.build_networks(args)
     torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "args": vars(args)}, tmp_path / "c.pth")
     model, ckpt_args = eval_knn.load_backbone(str(tmp_path / "c.pth"))
-    seed, layerscale = eval_knn.init_settings(eval_knn.get_args([]), ckpt_args)
+    seed, layerscale, source = eval_knn.init_settings(eval_knn.get_args([]), ckpt_args)
     twin = eval_knn.random_twin(model, seed, layerscale)
     assert seed == 5 and twin.num_register_tokens == getattr(args, "num_register_tokens", 0)
+    if hasattr(args, "layerscale"):                                     # dinov2.py 1e-5, simdinov2.py 0.1
+        assert (layerscale, source) == (args.layerscale, "the run's own")
+    else:                                                               # no layerscale blocks: unused
+        assert (layerscale, source) == (0.1, "default: SimDINOv2's") and not eval_knn.has_layerscale(twin)
     assert (twin.interpolate_offset, twin.interpolate_antialias) == (args.interpolate_offset, args.interpolate_antialias)
     for n, v in teacher.backbone.state_dict().items():
         torch.testing.assert_close(twin.state_dict()[n], v, rtol=0, atol=0, msg=n)
+
+
+def layerscales(model):
+    return torch.cat([m.gamma.detach().flatten() for m in model.modules() if isinstance(m, vit.LayerScale)])
+
+
+def test_init_layerscale_sets_the_floor_networks_layerscale_and_the_default_stays_the_runs_own():
+    torch.manual_seed(0)
+    model = vit.vit_tiny(patch_size=8, img_size=16, num_register_tokens=4, layerscale=1e-5).eval()
+    dinov2_args = {"seed": 3, "layerscale": 1e-5}                       # what dinov2.py records
+    # default: the run's own 1e-5 (the floor decided by rounding), as before the flag
+    seed, ls, source = eval_knn.init_settings(eval_knn.get_args(["--compare_init"]), dinov2_args)
+    assert (seed, ls, source) == (3, 1e-5, "the run's own")
+    assert torch.equal(layerscales(eval_knn.random_twin(model, seed, ls)), torch.full((12 * 2 * 192,), 1e-5))
+    # --init_layerscale 0.1: every layerscale weight of the twin (2 per block) is 0.1, the rest as the default's
+    args = eval_knn.get_args(["--compare_init", "--init_layerscale", "0.1"])
+    seed, ls, source = eval_knn.init_settings(args, dinov2_args)
+    assert (seed, ls, source) == (3, 0.1, "--init_layerscale")
+    twin, default_twin = eval_knn.random_twin(model, seed, ls), eval_knn.random_twin(model, 3, 1e-5)
+    assert torch.equal(layerscales(twin), torch.full((12 * 2 * 192,), 0.1))
+    for n, v in twin.state_dict().items():
+        if ".ls" not in n:
+            assert torch.equal(v, default_twin.state_dict()[n]), n
+    # a file that records no layerscale (a released one): 0.1, said so
+    assert eval_knn.init_settings(eval_knn.get_args([]), {})[1:] == (0.1, "default: SimDINOv2's")
+    name, fields = eval_knn.init_floor(model, 3, 0.1, "--init_layerscale")
+    assert name == "vit_tiny/8 random init, seed 3, layerscale 0.1 (--init_layerscale)"
+    assert fields["layerscale"] == 0.1 and fields["layerscale_from"] == "--init_layerscale"
+    plain = vit.vit_tiny(patch_size=8, img_size=16)                     # no layerscale: nothing said about it
+    assert eval_knn.init_floor(plain, 0, 0.1, "x") == ("vit_tiny/8 random init, seed 0",
+                                                       {"seed": 0, "floor": fields["floor"]})
+
+
+@pytest.fixture(scope="module")
+def dinov2_like(tmp_path_factory):
+    """A DINOv2-style file: 4 registers, layerscale 1e-5 at init, the run's args recording it."""
+    path = tmp_path_factory.mktemp("dinov2") / "checkpoint.pth"
+    m = tiny(7, num_register_tokens=4, layerscale=1e-5)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in m.state_dict().items()},
+                "args": {"seed": 0, "layerscale": 1e-5, "arch": "vit_tiny", "patch_size": 8}}, path)
+    return str(path)
+
+
+def test_dinov2_floor_at_its_own_layerscale_is_flagged_and_init_layerscale_gives_another(dinov2_like, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / "default.json"
+    eval_knn.main(eval_knn.get_args(["--checkpoint", dinov2_like, *SMALL, "--compare_init", "--output_json", str(out)]))
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["init"]["layerscale"] == 1e-5 and res["init"]["layerscale_from"] == "the run's own"
+    assert "rounding" in res["init"]["note"]                            # every image's feature nearly the same
+    assert "random init, seed 0, layerscale 1e-05 (the run's own)" in printed
+    assert "--init_layerscale 0.1 gives a floor that is not" in printed
+    out = tmp_path / "ls01.json"
+    eval_knn.main(eval_knn.get_args(["--checkpoint", dinov2_like, *SMALL, "--compare_init", "--init_layerscale", "0.1",
+                                     "--output_json", str(out)]))
+    printed = capsys.readouterr().out
+    ls01 = json.loads(out.read_text())
+    assert ls01["init"]["layerscale"] == 0.1 and ls01["init"]["layerscale_from"] == "--init_layerscale"
+    assert "note" not in ls01["init"] and "random init, seed 0, layerscale 0.1 (--init_layerscale)" in printed
+    assert ls01["knn"] == res["knn"]                                    # the checkpoint's own line is untouched
+    assert ls01["init"]["knn"] != res["init"]["knn"]
+
+
+def test_near_identical_features_are_told_apart_from_ordinary_ones():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 64, generator=g)
+    assert eval_knn.near_identical(base + 1e-6 * torch.randn(50, 64, generator=g))
+    assert not eval_knn.near_identical(base + 0.1 * torch.randn(50, 64, generator=g))
+    assert not eval_knn.near_identical(base)                            # a single row says nothing
+
+
+# ----------------------------------------------------------------------------- the raw-pixel floor
+
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def write_tree(root, images, labels, classes=("a", "b", "c")):
+    """root/<class>/<i>.png, lossless, from (n, H, W, 3) uint8 images."""
+    for i, (img, y) in enumerate(zip(images, labels)):
+        os.makedirs(root / classes[y], exist_ok=True)
+        Image.fromarray(img).save(root / classes[y] / f"{i:02d}.png")
+
+
+def numpy_knn(train_x, train_y, test_x, test_y, k, T, num_classes):
+    """The DINO vote written out in numpy: cosine to every train vector, the k largest vote exp(sim / T) for their
+    label. -> (top-1 %, 'label got a vote' %: top-5 with fewer than 5 classes)."""
+    a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    b = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+    top1 = voted = 0
+    for i, sims in enumerate(b @ a.T):
+        votes = np.zeros(num_classes)
+        for j in np.argsort(-sims)[:k]:
+            votes[train_y[j]] += np.exp(sims[j] / T)
+        top1 += votes.argmax() == test_y[i]
+        voted += votes[test_y[i]] > 0
+    return 100 * top1 / len(b), 100 * voted / len(b)
+
+
+def test_raw_pixel_floor_is_knn_on_the_normalised_pixels(tmp_path, capsys):
+    rng = np.random.default_rng(282)
+    train, test = rng.integers(0, 256, (9, 2, 2, 3), dtype=np.uint8), rng.integers(0, 256, (6, 2, 2, 3), dtype=np.uint8)
+    train_y, test_y = np.arange(9) % 3, np.arange(6) % 3
+    write_tree(tmp_path / "tree" / "train", train, train_y)
+    write_tree(tmp_path / "tree" / "test", test, test_y)               # test/ stands in for val/
+    ks, T = [1, 3, 9], 0.5
+    eval_knn.main(eval_knn.get_args(["--raw_pixels", "--data", str(tmp_path / "tree"), "--resize_size", "2",
+                                     "--crop_size", "2", "--nb_knn", *map(str, ks), "--temperature", str(T),
+                                     "--num_workers", "0", "--output_dir", str(tmp_path)]))
+    printed = capsys.readouterr().out
+    res = json.loads((tmp_path / "raw_pixels_knn.json").read_text())   # the default file name
+    assert "raw-pixel floor" in res["floor"] and res["features"] == "raw_pixels" and res["checkpoint"] is None
+    assert res["feature_dim"] == 12 and res["num_train"] == 9 and res["num_val"] == 6 and res["num_classes"] == 3
+    assert "k-NN (raw-pixel floor, no network: 12 normalised pixel values (3 x 2 x 2))" in printed
+
+    def pixels(x, normalise=True):                                      # (n, 2, 2, 3) uint8 -> (n, 12)
+        x = x / 255.0
+        return ((x - MEAN) / STD if normalise else x).reshape(len(x), -1)
+
+    expected = {k: numpy_knn(pixels(train), train_y, pixels(test), test_y, k, T, 3) for k in ks}
+    assert [expected[k] for k in ks] == pytest.approx([(50.0, 50.0), (250 / 3, 250 / 3), (200 / 3, 100.0)])
+    for k in ks:
+        assert (res["knn"][str(k)]["top1"], res["knn"][str(k)]["top5"]) == pytest.approx(expected[k]), k
+    # the data can tell the protocol's parts apart: unnormalised pixels, or unweighted votes, give other figures
+    assert any(numpy_knn(pixels(train, False), train_y, pixels(test, False), test_y, k, T, 3) != expected[k] for k in ks)
+    assert any(numpy_knn(pixels(train), train_y, pixels(test), test_y, k, 1e6, 3) != expected[k] for k in ks)
+
+
+def write_fake_cifar10(root, n_train=20, n_test=6, seed=0):
+    """ROOT/cifar-10-batches-py/ as torchvision keeps it, with a few random images per batch."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_train // 5
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, n))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+
+
+def test_raw_pixels_on_cifar10_files(tmp_path):
+    write_fake_cifar10(tmp_path)
+    out = tmp_path / "raw.json"
+    eval_knn.main(eval_knn.get_args(["--raw_pixels", "--data", f"cifar10:{tmp_path}", "--resize_size", "32",
+                                     "--crop_size", "32", "--nb_knn", "1", "--num_workers", "0",
+                                     "--output_json", str(out)]))
+    res = json.loads(out.read_text())
+    assert res["feature_dim"] == 3072 and res["num_train"] == 20 and res["num_val"] == 6 and res["num_classes"] == 10
 
 
 # ----------------------------------------------------------------------------- the script
@@ -255,10 +429,17 @@ def assert_clean_error(returncode, stderr, phrase):
 def test_bad_input_from_the_command_line(layouts, tmp_path):
     """Run as a user does (each run pays for importing torch, so they run side by side)."""
     torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, tmp_path / "resnet.pth")
-    (tmp_path / "empty").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "empty" / split).mkdir(parents=True)
+    flat = tmp_path / "flat"                                             # class folders, no train/ and val/
+    write_tree(flat, np.zeros((4, 4, 4, 3), dtype=np.uint8), [0, 1, 0, 1])
     cases = [(["--checkpoint", str(tmp_path / "nope.pth")], "does not exist"),
              (["--checkpoint", str(tmp_path / "resnet.pth")], "no ViT backbone"),
-             (["--checkpoint", layouts[0]["bare"][0], "--data", str(tmp_path / "empty")], "no class sub-folders")]
+             (["--checkpoint", layouts[0]["bare"][0], "--data", str(tmp_path / "empty")], "no class sub-folders"),
+             (["--checkpoint", layouts[0]["bare"][0], "--data", str(flat)],
+              f"--data {flat} has no train/ and val/ (or test/) sub-folders, so its images would be evaluated against "
+              f"themselves: put them in {flat}/train/<class>/ and {flat}/val/<class>/"),
+             (["--raw_pixels", "--data", str(flat)], "has no train/ and val/ (or test/) sub-folders")]
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "eval_knn.py"), *argv, *SMALL[2:]], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv, _ in cases]
     for p, (_, phrase) in zip(procs, cases):
@@ -266,16 +447,46 @@ def test_bad_input_from_the_command_line(layouts, tmp_path):
         assert_clean_error(p.returncode, stderr, phrase)
 
 
-@pytest.mark.parametrize("case", ["unknown size", "crop not divisible", "no checkpoint", "crop > resize"])
-def test_bad_input_in_process(case, layouts, tmp_path, capsys):
+def split_trees(tmp_path):
+    """A tree of one class only, and one whose val/ is a link to its train/."""
+    img = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    for split in ("train", "val"):
+        write_tree(tmp_path / "one" / split, img, [0, 0], classes=("cat",))
+    write_tree(tmp_path / "linked" / "train", img, [0, 1])
+    os.symlink(tmp_path / "linked" / "train", tmp_path / "linked" / "val")
+    return str(tmp_path / "one"), str(tmp_path / "linked")
+
+
+BAD_CASES = ["unknown size", "crop not divisible", "no checkpoint", "crop > resize", "one class", "val is train",
+             "raw pixels with a checkpoint", "raw pixels with compare_init", "init_layerscale alone",
+             "init_layerscale without layerscale", "init_layerscale 0"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_in_process(case, layouts, dinov2_like, tmp_path, capsys):
     odd = vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=64, depth=2, num_heads=2)   # no known size
     torch.save({"teacher": {f"backbone.{k}": v for k, v in odd.state_dict().items()}}, tmp_path / "odd.pth")
     good = layouts[0]["own_teacher"][0]
+    one, linked = split_trees(tmp_path)
     argv, phrase = {"unknown size": (["--checkpoint", str(tmp_path / "odd.pth"), *SMALL], "width 64 and depth 2"),
                     "crop not divisible": (["--checkpoint", good, *SMALL, "--crop_size", "12"],
                                            "not divisible by the patch size 8"),
                     "no checkpoint": (SMALL, "pass --checkpoint"),
-                    "crop > resize": (["--checkpoint", good, *SMALL, "--crop_size", "24"], "larger than --resize_size")}[case]
+                    "crop > resize": (["--checkpoint", good, *SMALL, "--crop_size", "24"], "larger than --resize_size"),
+                    "one class": (["--checkpoint", good, *SMALL, "--data", one],
+                                  f"--data {one} has a single class ('cat'): accuracy over one class is 100 %"),
+                    "val is train": (["--raw_pixels", *SMALL, "--data", linked], "train/ and val/ are the same folder"),
+                    "raw pixels with a checkpoint": (["--raw_pixels", "--checkpoint", good, *SMALL],
+                                                     "--raw_pixels evaluates the pixels themselves, without a "
+                                                     "network: drop --checkpoint"),
+                    "raw pixels with compare_init": (["--raw_pixels", "--compare_init", *SMALL], "drop --compare_init"),
+                    "init_layerscale alone": (["--checkpoint", dinov2_like, *SMALL, "--init_layerscale", "0.1"],
+                                              "sets the --compare_init network: add --compare_init"),
+                    "init_layerscale without layerscale": (["--checkpoint", good, *SMALL, "--compare_init",
+                                                            "--init_layerscale", "0.1"], "blocks have no layerscale"),
+                    "init_layerscale 0": (["--checkpoint", dinov2_like, *SMALL, "--compare_init",
+                                           "--init_layerscale", "0"], "must be positive")}[case]
     with pytest.raises(SystemExit) as e:
         eval_knn.cli(argv)
     assert_clean_error(1, str(e.value.code), phrase)
+    assert "\n" not in str(e.value.code)

@@ -1,19 +1,23 @@
-"""eval_linear.py: the probe learns separable features and not shuffled labels, the feature layout, 1 vs 2
-processes, every checkpoint layout, the script end to end, bad input."""
+"""eval_linear.py: the probe learns separable features and not shuffled labels, the feature layout, the training
+loop's few host reads, 1 vs 2 processes, every checkpoint layout, the script end to end (the --compare_init floor
+and its layerscale), bad input (folders without splits, one class)."""
+import copy
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import eval_linear
 import vit
-from test_eval_knn import LAYOUTS, layouts  # noqa: F401 (layouts is a fixture)
-from test_simdino_dist import free_port
+from test_eval_knn import LAYOUTS, dinov2_like, layouts, split_trees, write_tree  # noqa: F401 (fixtures)
+from dist_step import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "synthetic:40", "--resize_size", "18", "--crop_size", "16", "--num_workers", "0",
@@ -84,6 +88,66 @@ def test_cosine_schedule_per_head(monkeypatch):
     assert len(seen) == 8 and seen[0] == [0.1, 0.4]                  # 32 samples / 8, 2 epochs
     assert seen[4] == pytest.approx([0.05, 0.2])                      # halfway: half
     assert seen[-1][1] == pytest.approx(0.4 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 7 / 8)).item()))
+
+
+class RecordingBar:
+    """Stands in for tqdm: iterates, and keeps what set_postfix was given."""
+    shown = []
+
+    def __init__(self, iterable, **kw):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **kw):
+        RecordingBar.shown.append(kw["loss"])
+
+
+def test_training_reads_the_loss_only_when_shown_and_shows_the_epochs_mean(monkeypatch):
+    """No .item() (a GPU sync) per iteration: the running loss stays on the device and is read every show_every
+    iterations and at the end of each epoch, where the bar shows the epoch's mean loss per head."""
+    reads = []
+    orig_item = torch.Tensor.item
+
+    def item(self):                                                   # counts eval_linear's own reads only
+        if sys._getframe(1).f_code.co_filename == eval_linear.__file__:   # (the DataLoader draws a seed with one)
+            reads.append(1)
+        return orig_item(self)
+
+    x, y = clusters(8)                                                # 32 samples, batches of 1: 32 iterations
+    lrs = [1e-12, 1e-12]                                              # the heads stay at their init
+    for show_every, per_epoch in ((100, 1), (10, 4)):                 # at the epoch's end / at 10, 20, 30 and 32
+        torch.manual_seed(0)
+        heads = eval_linear.LinearHeads(16, 4, len(lrs))
+        init = copy.deepcopy(heads)
+        RecordingBar.shown, reads[:] = [], []
+        monkeypatch.setattr(eval_linear, "tqdm", RecordingBar)
+        monkeypatch.setattr(torch.Tensor, "item", item)
+        eval_linear.train_heads(heads, loader(x, y, batch_size=1), identity, lrs, epochs=2, device=CPU,
+                                show_every=show_every)
+        monkeypatch.undo()
+        assert len(reads) == len(RecordingBar.shown) == 2 * per_epoch
+        with torch.no_grad():                                         # mean cross-entropy of the heads at init
+            expected = sum(F.cross_entropy(h(x), y).item() for h in init.heads) / len(lrs)
+        for shown in RecordingBar.shown[per_epoch - 1::per_epoch]:    # each epoch's last: its mean over 32 samples
+            assert abs(float(shown) - expected) < 6e-4, (shown, expected)
+
+
+def test_evaluation_copies_labels_without_blocking(monkeypatch):
+    calls = []
+    orig_to = torch.Tensor.to
+
+    def to(self, *a, **kw):
+        calls.append(kw.get("non_blocking", False))
+        return orig_to(self, *a, **kw)
+
+    torch.manual_seed(0)
+    heads = eval_linear.LinearHeads(16, 4, 2)
+    x, y = clusters(4)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    eval_linear.evaluate_heads(heads, loader(x, y, batch_size=8, shuffle=False), identity, CPU)
+    assert len(calls) == 4 and all(calls)                            # 2 batches x (images, labels)
 
 
 def test_features_concatenate_last_cls_tokens_and_pooled_patches():
@@ -171,6 +235,22 @@ def test_main_end_to_end(layouts, tmp_path, capsys):
         assert r["top1"] == best["top1"] and r["best_lr"] in eval_linear.DINOV2_LRS
         assert r["per_lr"][0]["lr_scaled"] == pytest.approx(1e-5 * 20 / 256)   # linear scaling by the batch
     assert 0 <= res["top1"] <= res["top5"] <= 100
+    assert res["init"]["floor"].startswith("--compare_init") and res["init"]["seed"] == 0
+    assert "layerscale" not in res["init"]                            # its blocks have none
+
+
+def test_init_layerscale_sets_the_probed_floor(dinov2_like, tmp_path, capsys, monkeypatch):
+    built = []
+    orig_twin = eval_linear.random_twin
+    monkeypatch.setattr(eval_linear, "random_twin", lambda *a: built.append(orig_twin(*a)) or built[-1])
+    out = tmp_path / "linear.json"
+    eval_linear.main(eval_linear.get_args(["--checkpoint", dinov2_like, *SMALL, "--lrs", "0.1", "--compare_init",
+                                           "--init_layerscale", "0.1", "--output_json", str(out)]))
+    assert "random init, seed 0, layerscale 0.1 (--init_layerscale)" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["init"]["layerscale"] == 0.1 and res["init"]["layerscale_from"] == "--init_layerscale"
+    gammas = torch.cat([m.gamma.flatten() for m in built[0].modules() if isinstance(m, vit.LayerScale)])
+    assert len(gammas) == 12 * 2 * 192 and (gammas == 0.1).all()
 
 
 def assert_clean_error(returncode, stderr, phrase):
@@ -181,9 +261,15 @@ def assert_clean_error(returncode, stderr, phrase):
 
 
 def test_bad_input_from_the_command_line(layouts, tmp_path):
-    (tmp_path / "empty").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "empty" / split).mkdir(parents=True)
+    flat = tmp_path / "flat"                                           # class folders, no train/ and val/
+    write_tree(flat, np.zeros((4, 4, 4, 3), dtype=np.uint8), [0, 1, 0, 1])
     cases = [(["--checkpoint", str(tmp_path / "nope.pth")], "does not exist"),
-             (["--checkpoint", layouts[0]["bare"][0], "--data", str(tmp_path / "empty")], "no class sub-folders")]
+             (["--checkpoint", layouts[0]["bare"][0], "--data", str(tmp_path / "empty")], "no class sub-folders"),
+             (["--checkpoint", layouts[0]["bare"][0], "--data", str(flat)],
+              f"--data {flat} has no train/ and val/ (or test/) sub-folders, so its images would be evaluated against "
+              f"themselves: put them in {flat}/train/<class>/ and {flat}/val/<class>/")]
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "eval_linear.py"), *argv, *SMALL[2:]], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv, _ in cases]
     for p, (_, phrase) in zip(procs, cases):
@@ -191,15 +277,25 @@ def test_bad_input_from_the_command_line(layouts, tmp_path):
         assert_clean_error(p.returncode, stderr, phrase)
 
 
-@pytest.mark.parametrize("case", ["not a ViT", "crop not divisible", "too many blocks", "bad lr"])
-def test_bad_input_in_process(case, layouts, tmp_path):
+@pytest.mark.parametrize("case", ["not a ViT", "crop not divisible", "too many blocks", "bad lr", "one class",
+                                  "val is train", "init_layerscale alone", "init_layerscale without layerscale"])
+def test_bad_input_in_process(case, layouts, dinov2_like, tmp_path):
     torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "resnet.pth")
     good = layouts[0]["own_teacher"][0]
+    one, linked = split_trees(tmp_path)
     argv, phrase = {"not a ViT": (["--checkpoint", str(tmp_path / "resnet.pth"), *SMALL], "no ViT backbone"),
                     "crop not divisible": (["--checkpoint", good, *SMALL, "--crop_size", "12"],
                                            "not divisible by the patch size 8"),
                     "too many blocks": (["--checkpoint", good, *SMALL, "--n_last_blocks", "13"], "between 1 and"),
-                    "bad lr": (["--checkpoint", good, *SMALL, "--lrs", "0.1", "0"], "must be positive")}[case]
+                    "bad lr": (["--checkpoint", good, *SMALL, "--lrs", "0.1", "0"], "must be positive"),
+                    "one class": (["--checkpoint", good, *SMALL, "--data", one],
+                                  f"--data {one} has a single class ('cat')"),
+                    "val is train": (["--checkpoint", good, *SMALL, "--data", linked],
+                                     "train/ and val/ are the same folder"),
+                    "init_layerscale alone": (["--checkpoint", dinov2_like, *SMALL, "--init_layerscale", "0.1"],
+                                              "add --compare_init"),
+                    "init_layerscale without layerscale": (["--checkpoint", good, *SMALL, "--compare_init",
+                                                            "--init_layerscale", "0.1"], "blocks have no layerscale")}[case]
     with pytest.raises(SystemExit) as e:
         eval_linear.cli(argv)
     assert_clean_error(1, str(e.value.code), phrase)
