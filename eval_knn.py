@@ -79,7 +79,8 @@ def get_args(argv=None):
                    ImageNet mean/std, exactly as a network sees it) flattened to 3 x crop_size x crop_size values,
                    with the same protocol (L2-normalised, cosine, exp(sim / T) votes, --nb_knn, top-1 / top-5): the
                    model-free floor. Takes no --checkpoint, --compare_init or saved features; the JSON says
-                   "raw-pixel floor" and goes to <output_dir or .>/raw_pixels_knn.json unless --output_json.""")
+                   "raw-pixel floor" and goes to <output_dir or .>/raw_pixels_knn.json unless --output_json.
+                   Memory: (train + val images) x 3 x crop_size^2 x 4 bytes, 737 MB for CIFAR-10 at 32 px.""")
     # Data
     p.add_argument("--data", default="synthetic",
                    help="""ImageFolder-style folder with train/ and val/ (or test/) sub-folders of class folders, or
