@@ -20,6 +20,15 @@ Several runs side by side, each in a fresh process (its own peak memory), one af
     python bench.py simdino dino --arch vit_tiny --repeats 3                        # SimDINO's step vs DINO's, A B A B A B
     python bench.py simdino --arch vit_base --compare_grad_checkpointing            # memory without / with
 
+What one training step communicates (--comm), under torchrun on any backend (gloo on a CPU): the method's
+train() runs as above, and the collectives of one step after the first two (DDP rebuilds its buckets in the
+second) are counted with torch.distributed.tensor.debug.CommDebugMode, by kind, with the bytes of the full
+buffer each one gathers, scatters or reduces. These depend on the parameters only, not on the crop sizes or
+the batch, so small crops count what 224 px crops would. --bf16 gathers bf16 parameters as on CUDA:
+
+    torchrun --nproc_per_node 2 bench.py dino --comm --arch vit_small --fsdp --global_crops_size 32 \
+        --local_crops_size 16 --batch_size_per_gpu 2 --num_workers 0
+
 The input pipeline (--loader): images/s of data.py's multi-crop pipeline in one process on one thread,
 i.e. per loader worker, on the first images of --data, with and without JPEG decoding, for DINO's PIL
 pipeline as it was (float32 out), the same with uint8 out, and the default split (crop and flip in the
@@ -30,6 +39,8 @@ rate just measured needs. ImageNet-sized JPEGs to run it on can be generated:
     python bench.py simdino --arch vit_base --data out/jpegs --loader
 """
 import argparse
+import collections
+import functools
 import importlib
 import json
 import math
@@ -44,6 +55,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch.distributed.tensor.debug import CommDebugMode
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
@@ -129,7 +141,7 @@ def measure_step(bench, method_name, rest):
     method = importlib.import_module(method_name)
     out = tempfile.mkdtemp(prefix="bench_")
     args = method.get_args(rest + ["--epochs", "1", "--warmup_epochs", "0", "--log_every", str(bench.warmup),
-                                   "--saveckp_freq", "0", "--output_dir", out])
+                                   "--saveckp_freq", "0", "--saveckp_every", "0", "--output_dir", out])
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     n = (bench.warmup + bench.steps) * args.batch_size_per_gpu * world_size
     method.build_dataset = lambda *a, **k: RepeatedCrops(n, args)     # the method's loop, without data loading
@@ -149,6 +161,79 @@ def measure_step(bench, method_name, rest):
             "batch": args.batch_size_per_gpu, "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
             "images_per_s": images_per_s, "ms_per_step": 1000 * seconds / steps, "memory": memory,
             "memory_kind": memory_kind, "tflops": backbone_train_flops(args) * images_per_s / 1e12}
+
+
+class CommCounter(CommDebugMode):
+    """CommDebugMode that also adds up, per kind of collective, the bytes of the full buffer each one moves:
+    the gathered output of an all-gather, the input of a reduce-scatter, the tensors of an all-reduce."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.bytes = collections.Counter(), collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = sum(self.comm_counts.values())
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if sum(self.comm_counts.values()) > before:                 # a collective (CommDebugMode counted it)
+            name = func._overloadpacket.__name__.replace("_", "")
+            kind = next((k for k in ("allgather", "reducescatter", "allreduce", "broadcast") if k in name), name)
+            self.calls[kind] += 1
+            self.bytes[kind] += max(tensor_bytes(a) for a in args)
+        return out
+
+
+def tensor_bytes(x):
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    return sum(tensor_bytes(t) for t in x) if isinstance(x, (list, tuple)) else 0
+
+
+class StepWatch(dict):
+    """The method's RUN record, which train() updates with the iteration it starts: count that iteration's
+    collectives."""
+
+    def __init__(self, run, iteration):
+        super().__init__(run)
+        self.measured, self.counter = iteration, CommCounter()
+
+    def __setitem__(self, key, value):
+        if key == "iteration" and value == self.measured + 1:
+            self.counter.__exit__(None, None, None)
+        super().__setitem__(key, value)
+        if key == "iteration" and value == self.measured:
+            self.counter.__enter__()
+
+
+def measure_comm(method_name, rest):
+    """The collectives of iteration 2 of the method's own train() (not a log or checkpoint iteration)."""
+    method = importlib.import_module(method_name)
+    out = tempfile.mkdtemp(prefix="bench_")
+    args = method.get_args(rest + ["--epochs", "1", "--epoch_length", "4", "--warmup_epochs", "0", "--log_every",
+                                   "1000", "--saveckp_freq", "0", "--saveckp_every", "0", "--output_dir", out])
+    world_size = int(os.environ["WORLD_SIZE"])
+    method.build_dataset = lambda *a, **k: RepeatedCrops(4 * args.batch_size_per_gpu * world_size, args)
+    distribute = method.distribute
+    method.distribute = lambda student, teacher, a, n, bf16=False: distribute(student, teacher, a, n, a.bf16)
+    watch = method.RUN = StepWatch(method.RUN, iteration=2)        # bf16 above: as on CUDA, CPU included
+    method.train(args)
+    shutil.rmtree(out, ignore_errors=True)
+    return args, watch.counter
+
+
+def print_comm(method_name, args, counter):
+    world_size = int(os.environ["WORLD_SIZE"])
+    setup = (f"{'FSDP2' if args.fsdp else 'DDP'}{', bf16 parameters' if args.fsdp and args.bf16 else ''}"
+             f"{', grad checkpointing' if args.grad_checkpointing else ''}")
+    print(f"{method_name} {args.arch}/{args.patch_size}, {world_size} processes, {setup}: one step (rank 0)")
+    for kind in sorted(counter.calls):
+        print(f"  {kind}: {counter.calls[kind]} calls, {counter.bytes[kind] / 2**20:.2f} MiB")
+    print("collectives per step (rank 0): " + " ".join(f"{k}={v}" for k, v in comm_summary(counter).items()))
+
+
+def comm_summary(counter):
+    c = counter.calls
+    return {"all_gather": c["allgather"], "reduce_scatter": c["reducescatter"], "all_reduce": c["allreduce"],
+            "broadcast": c["broadcast"], "bytes": sum(counter.bytes.values())}
 
 
 def step_line(r, peak_tflops=None):
@@ -266,6 +351,9 @@ def main():
                    help="Turns each loader candidate takes; its fastest turn is reported (the least disturbed).")
     p.add_argument("--make_jpegs", nargs=2, metavar=("DIR", "N"),
                    help="Write N natural-looking 500 x 375 JPEGs to DIR/train/<class>/ for --loader, then exit.")
+    p.add_argument("--comm", action="store_true",
+                   help="Under torchrun: count the collectives of one training step and the bytes they move "
+                        "(CommDebugMode), instead of timing steps.")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # a child run: print a JSON record
     bench, rest = p.parse_known_args()
     if bench.make_jpegs:
@@ -276,6 +364,13 @@ def main():
         p.error("--warmup must be >= 1: the first log record marks the start of the measurement")
     for m in bench.methods:                                        # a flag one method lacks fails now, not after the others ran
         importlib.import_module(m).get_args(rest)
+    if bench.comm:
+        if "WORLD_SIZE" not in os.environ or len(bench.methods) != 1:
+            p.error("--comm counts one method's step under torchrun: torchrun --nproc_per_node N bench.py METHOD --comm")
+        args, counter = measure_comm(bench.methods[0], rest)
+        if int(os.environ["RANK"]) == 0:
+            print_comm(bench.methods[0], args, counter)
+        return
     variants = [[]] + ([["--grad_checkpointing"]] if bench.compare_grad_checkpointing else [])
     runs = [(m, rest + v) for m in bench.methods for v in variants]
     if bench.json:

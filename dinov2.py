@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import vit
@@ -212,6 +213,8 @@ class WeightNormLinear(nn.Module):
     trains it (train_norm=True), DINO's norm_last_layer keeps it at 1 (train_norm=False).
     """
 
+    float32_params = True   # its scores are computed in float32: FSDP2 must not gather it in bf16 (distribute)
+
     def __init__(self, in_dim, out_dim, train_norm=False):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
@@ -248,7 +251,9 @@ class DINOHead(nn.Module):
 
 
 class Network(nn.Module):
-    """Backbone + DINO head (+ iBOT head). One call runs both crop sizes (one backbone pass per size).
+    """Backbone + DINO head (+ iBOT head). One call runs both crop sizes: every block takes them together
+    and each head takes its tokens at once (under FSDP2 each is gathered once per step in forward and once
+    in backward).
 
     Global views give the prototype scores of each view's CLS token (DINO head) and of the patches
     listed in `idx` (flat indices into the M_glo*B*N patch tokens; the iBOT head, which is the DINO
@@ -263,14 +268,19 @@ class Network(nn.Module):
         self.ibot_head = ibot_head                # None: the masked patches share the DINO head (DINOv2's default)
 
     def forward(self, xg, idx, m=None, xl=None):  # xg (M_glo, B, 3, G, G), xl (M_loc, B, 3, L, L), m (M_glo*B, N)
-        out = self.backbone.forward_features(xg.flatten(0, 1), m)
-        ibot_head = self.dino_head if self.ibot_head is None else self.ibot_head
-        yg = out["cls"].unflatten(0, xg.shape[:2])                                    # (M_glo, B, D) backbone CLS
-        zg = self.dino_head(yg)                                                      # (M_glo, B, K)
-        Zg = ibot_head(out["patches"].flatten(0, 1).index_select(0, idx))            # (n_masked, K')
+        views = [xg] if xl is None else [xg, xl]
+        feats = self.backbone.forward_features_list([x.flatten(0, 1) for x in views], [m, None])  # one pass
+        cls = [f["cls"] for f in feats]                                              # (M_glo*B, D), (M_loc*B, D)
+        patches = feats[0]["patches"].flatten(0, 1).index_select(0, idx)             # (n_masked, D)
+        if self.ibot_head is None:                  # one call of the shared head for all tokens, as DINOv2 does
+            z = self.dino_head(torch.cat(cls + [patches])).split([len(t) for t in cls + [patches]])
+        else:
+            z = [*self.dino_head(torch.cat(cls)).split([len(t) for t in cls]), self.ibot_head(patches)]
+        zg, Zg = z[0].unflatten(0, xg.shape[:2]), z[-1]                              # (M_glo, B, K), (n_masked, K')
         if xl is None:
             return zg, Zg
-        return zg, Zg, self.dino_head(self.backbone(xl.flatten(0, 1)).unflatten(0, xl.shape[:2])), yg  # + (M_loc, B, K)
+        yg = cls[0].unflatten(0, xg.shape[:2])                                       # (M_glo, B, D) backbone CLS
+        return zg, Zg, z[1].unflatten(0, xl.shape[:2]), yg                           # + (M_loc, B, K), KoLeo's input
 
 
 def build_networks(args):
@@ -309,17 +319,16 @@ def sinkhorn_knopp(scores, temp, n_iterations=3):
     s, = at_least_float32(scores)
     with torch.autocast(s.device.type, enabled=False):
         n, K = s.shape
-        n_all = s.new_full((), float(n))                                           # samples on all processes
         top = s.amax(dim=0) if n else s.new_full((K,), -math.inf)                  # (K,) best score of each prototype
         if dist.is_initialized():
-            dist.all_reduce(n_all)
             dist.all_reduce(top, op=dist.ReduceOp.MAX)
         # row k scaled by exp(-top_k / temp): the first row normalisation undoes that exactly, so the targets are
         # DINOv2's exp(s / temp) ones, but exp cannot overflow (float32 does past s / temp = 88) and no row is all 0
         Q = torch.exp((s - top) / temp).T                                          # (K, n)
-        total = Q.sum()
+        counts = torch.stack([s.new_full((), float(n)), Q.sum()])                   # (2,) samples, total mass
         if dist.is_initialized():
-            dist.all_reduce(total)
+            dist.all_reduce(counts)                                                # of all processes, in one call
+        n_all, total = counts
         Q = Q / total                                                              # total mass 1
         for _ in range(n_iterations):
             rows = Q.sum(dim=1, keepdim=True)                                      # (K, 1) mass of each prototype
@@ -485,10 +494,31 @@ def param_groups(model, layerwise_decay, patch_embed_lr_mult):
 @torch.no_grad()
 def clip_gradients(model, max_norm):
     """DINOv2's clipping: the backbone's, the DINO head's and the iBOT head's gradients, each as one vector,
-    to norm <= max_norm."""
-    for part in (model.backbone, model.dino_head, model.ibot_head):
-        if part is not None:                      # no iBOT head of its own when it shares the DINO head
-            torch.nn.utils.clip_grad_norm_([p for p in part.parameters() if p.grad is not None], max_norm)
+    to norm <= max_norm (torch.nn.utils.clip_grad_norm_ on each part, with one all-reduce for all under FSDP2)."""
+    parts = [model.backbone, model.dino_head] + ([model.ibot_head] if model.ibot_head is not None else [])
+    clip_parts(parts, max_norm)         # no iBOT head of its own when it shares the DINO head
+
+
+def clip_parts(parts, max_norm):
+    """Scale each part's gradients, as one vector, to norm <= max_norm, as clip_grad_norm_ does."""
+    grads, norms = grad_norms(nn.ModuleList(parts))                                 # (P,) over all parts
+    sizes = [sum(p.grad is not None for p in part.parameters()) for part in parts]
+    total = torch.stack([n.square().sum().sqrt() for n in norms.split(sizes)])     # (parts,) each part's norm
+    factors = (max_norm / (total + 1e-6)).clamp(max=1.0)                           # (parts,)
+    torch._foreach_mul_(grads, [f for f, n in zip(factors, sizes) for _ in range(n)])
+
+
+def grad_norms(model):
+    """(gradients to scale in place, their full norms (P,)): under FSDP2 a gradient is a DTensor of which each
+    process holds a shard, and DTensor would all-reduce each norm on its own (one collective per parameter);
+    here the local shards' squared norms go through one all-reduce together."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads and isinstance(grads[0], DTensor):
+        grads = [g.to_local() for g in grads]                                       # dim-0 shards: disjoint parts
+        sq = torch.stack(torch._foreach_norm(grads)).square()                        # (P,) this process's part
+        dist.all_reduce(sq)
+        return grads, sq.sqrt()
+    return grads, torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(0)
 
 
 def init_distributed():
@@ -505,22 +535,32 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def distribute(student, teacher, args, world_size):
-    """Wrap for multi-process training: DDP (default) or FSDP2. Returns the module to call."""
+def distribute(student, teacher, args, world_size, bf16=False):
+    """Wrap for multi-process training: DDP (default) or FSDP2. Returns the module to call.
+
+    FSDP2: each block is a unit of its own, gathered once in forward (Network passes both crop sizes through
+    a block in one call) and, in the student, once in backward; the root (embeddings, final norm, head)
+    stays gathered from the student's forward to the end of its backward. bf16: parameters are gathered and
+    used in bf16 and gradients reduced in float32; a module marked `float32_params` (DINO's prototype layer)
+    is a unit of its own that stays float32.
+    """
     if args.compile:
         for blk in [*student.backbone.blocks, *teacher.backbone.blocks]:
             blk.compile()
     if world_size == 1:
         return student
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for net in (student, teacher):            # same sharding, so the EMA is a local op on each shard
-            for blk in net.backbone.blocks:
-                fully_shard(blk)
-        fully_shard(student)
-        fully_shard(teacher, reshard_after_forward=True)  # a root keeps its weights gathered unless told: no backward here
-        return student
-    return nn.parallel.DistributedDataParallel(student)
+    if not args.fsdp:   # no batch norm here: the buffers are constants, which DDP would broadcast every forward
+        return nn.parallel.DistributedDataParallel(student, broadcast_buffers=False)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for net in (student, teacher):            # same sharding, so the EMA is a local op on each shard
+        for m in net.modules():
+            if getattr(m, "float32_params", False):
+                fully_shard(m, reshard_after_forward=net is teacher)
+        for blk in net.backbone.blocks:
+            fully_shard(blk, reshard_after_forward=True, mp_policy=policy)
+        fully_shard(net, reshard_after_forward=net is teacher, mp_policy=policy)   # the teacher has no backward
+    return student
 
 
 def seed_all(seed):
@@ -766,7 +806,8 @@ def train(args):
         fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output_dir")
     seed_all(args.seed)
     use_cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and args.bf16)
+    bf16 = use_cuda and args.bf16
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
 
     # ---- data: 2 global + local_crops_number local crops of every image
     transform = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
@@ -785,7 +826,7 @@ def train(args):
     # ---- student, teacher, optimiser
     student, teacher = build_networks(args)
     student, teacher = student.to(device), teacher.to(device)
-    model = distribute(student, teacher, args, world_size)
+    model = distribute(student, teacher, args, world_size, bf16)
     optimizer = torch.optim.AdamW(param_groups(student, args.layerwise_decay, args.patch_embed_lr_mult), lr=0.0,
                                   fused=use_cuda)
     center = torch.zeros(1, args.out_dim, device=device)                                # (1, K) EMA of teacher CLS scores

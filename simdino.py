@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import vit
@@ -185,7 +186,8 @@ class Projector(nn.Module):
 
 
 class Network(nn.Module):
-    """Backbone + head. One call runs both crop sizes (one backbone pass per size)."""
+    """Backbone + head. One call runs both crop sizes: every block and the head take them together (under
+    FSDP2 each is gathered once per step in forward and once in backward)."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -193,10 +195,11 @@ class Network(nn.Module):
         self.head = head
 
     def forward(self, xg, xl=None):               # xg (M_glo, B, 3, G, G), xl (M_loc, B, 3, L, L)
-        zg = self.head(self.backbone(xg.flatten(0, 1)).unflatten(0, xg.shape[:2]))   # (M_glo, B, head output)
-        if xl is None:
-            return zg
-        return zg, self.head(self.backbone(xl.flatten(0, 1)).unflatten(0, xl.shape[:2]))  # + (M_loc, B, head output)
+        views = [xg] if xl is None else [xg, xl]
+        feats = self.backbone.forward_features_list([x.flatten(0, 1) for x in views])  # both crop sizes, one pass
+        z = self.head(torch.cat([f["cls"] for f in feats])).split([len(f["cls"]) for f in feats])  # one head call
+        z = [zi.unflatten(0, x.shape[:2]) for zi, x in zip(z, views)]               # (M_glo, B, .), (M_loc, B, .)
+        return z[0] if xl is None else tuple(z)
 
 
 def build_networks(args):
@@ -279,9 +282,21 @@ def param_groups(model):
 @torch.no_grad()
 def clip_gradients(model, max_norm):
     """DINO's clipping: each parameter's gradient is scaled to norm <= max_norm on its own."""
+    grads, norms = grad_norms(model)                                                # norms (P,) of full gradients
+    torch._foreach_mul_(grads, list((max_norm / (norms + 1e-6)).clamp(max=1.0)))
+
+
+def grad_norms(model):
+    """(gradients to scale in place, their full norms (P,)): under FSDP2 a gradient is a DTensor of which each
+    process holds a shard, and DTensor would all-reduce each norm on its own (one collective per parameter);
+    here the local shards' squared norms go through one all-reduce together."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norms = torch._foreach_norm(grads)
-    torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
+    if grads and isinstance(grads[0], DTensor):
+        grads = [g.to_local() for g in grads]                                       # dim-0 shards: disjoint parts
+        sq = torch.stack(torch._foreach_norm(grads)).square()                        # (P,) this process's part
+        dist.all_reduce(sq)
+        return grads, sq.sqrt()
+    return grads, torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(0)
 
 
 def init_distributed():
@@ -298,22 +313,32 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def distribute(student, teacher, args, world_size):
-    """Wrap for multi-process training: DDP (default) or FSDP2. Returns the module to call."""
+def distribute(student, teacher, args, world_size, bf16=False):
+    """Wrap for multi-process training: DDP (default) or FSDP2. Returns the module to call.
+
+    FSDP2: each block is a unit of its own, gathered once in forward (Network passes both crop sizes through
+    a block in one call) and, in the student, once in backward; the root (embeddings, final norm, head)
+    stays gathered from the student's forward to the end of its backward. bf16: parameters are gathered and
+    used in bf16 and gradients reduced in float32; a module marked `float32_params` (DINO's prototype layer)
+    is a unit of its own that stays float32.
+    """
     if args.compile:
         for blk in [*student.backbone.blocks, *teacher.backbone.blocks]:
             blk.compile()
     if world_size == 1:
         return student
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for net in (student, teacher):            # same sharding, so the EMA is a local op on each shard
-            for blk in net.backbone.blocks:
-                fully_shard(blk)
-        fully_shard(student)
-        fully_shard(teacher, reshard_after_forward=True)  # a root keeps its weights gathered unless told: no backward here
-        return student
-    return nn.parallel.DistributedDataParallel(student)
+    if not args.fsdp:   # no batch norm here: the buffers are constants, which DDP would broadcast every forward
+        return nn.parallel.DistributedDataParallel(student, broadcast_buffers=False)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for net in (student, teacher):            # same sharding, so the EMA is a local op on each shard
+        for m in net.modules():
+            if getattr(m, "float32_params", False):
+                fully_shard(m, reshard_after_forward=net is teacher)
+        for blk in net.backbone.blocks:
+            fully_shard(blk, reshard_after_forward=True, mp_policy=policy)
+        fully_shard(net, reshard_after_forward=net is teacher, mp_policy=policy)   # the teacher has no backward
+    return student
 
 
 def seed_all(seed):
@@ -564,7 +589,8 @@ def train(args):
         fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output_dir")
     seed_all(args.seed)
     use_cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and args.bf16)
+    bf16 = use_cuda and args.bf16
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
 
     # ---- data: 2 global + local_crops_number local crops of every image
     transform = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
@@ -581,7 +607,7 @@ def train(args):
     # ---- student, teacher, optimiser
     student, teacher = build_networks(args)
     student, teacher = student.to(device), teacher.to(device)
-    model = distribute(student, teacher, args, world_size)
+    model = distribute(student, teacher, args, world_size, bf16)
     optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, fused=use_cuda)
     gamma = released_gamma(args.proj_dim, global_batch) if args.gamma == "released" else float(args.gamma)
 

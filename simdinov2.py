@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import vit
@@ -209,7 +210,8 @@ class Projector(nn.Module):
 
 
 class Network(nn.Module):
-    """Backbone + head. One call runs both crop sizes (one backbone pass per size).
+    """Backbone + head. One call runs both crop sizes: every block takes them together and the head takes
+    all tokens at once (under FSDP2 each is gathered once per step in forward and once in backward).
 
     Global views give the CLS feature of each view and the features of the patches listed
     in `idx` (flat indices into the M_glo*B*N patch tokens); `m` masks the input patches.
@@ -221,12 +223,12 @@ class Network(nn.Module):
         self.head = head
 
     def forward(self, xg, idx, m=None, xl=None):  # xg (M_glo, B, 3, G, G), xl (M_loc, B, 3, L, L), m (M_glo*B, N)
-        out = self.backbone.forward_features(xg.flatten(0, 1), m)
-        zg = self.head(out["cls"].unflatten(0, xg.shape[:2]))                        # (M_glo, B, head output)
-        Zg = self.head(out["patches"].flatten(0, 1).index_select(0, idx))            # (n_masked, head output)
-        if xl is None:
-            return zg, Zg
-        return zg, Zg, self.head(self.backbone(xl.flatten(0, 1)).unflatten(0, xl.shape[:2]))  # + (M_loc, B, head output)
+        views = [xg] if xl is None else [xg, xl]
+        feats = self.backbone.forward_features_list([x.flatten(0, 1) for x in views], [m, None])  # one pass
+        tokens = [f["cls"] for f in feats] + [feats[0]["patches"].flatten(0, 1).index_select(0, idx)]
+        z = self.head(torch.cat(tokens)).split([len(t) for t in tokens])             # one head call for all tokens
+        zg, Zg = z[0].unflatten(0, xg.shape[:2]), z[-1]                              # (M_glo, B, .), (n_masked, .)
+        return (zg, Zg) if xl is None else (zg, Zg, z[1].unflatten(0, xl.shape[:2]))  # + (M_loc, B, head output)
 
 
 def build_networks(args):
@@ -336,9 +338,31 @@ def param_groups(model, layerwise_decay, patch_embed_lr_mult):
 
 @torch.no_grad()
 def clip_gradients(model, max_norm):
-    """DINOv2's clipping: the backbone's and the projector's gradients, each as one vector, to norm <= max_norm."""
-    for part in (model.backbone, model.head):
-        torch.nn.utils.clip_grad_norm_([p for p in part.parameters() if p.grad is not None], max_norm)
+    """DINOv2's clipping: the backbone's and the projector's gradients, each as one vector, to norm <= max_norm
+    (torch.nn.utils.clip_grad_norm_ on each part, with one all-reduce for both under FSDP2)."""
+    clip_parts([model.backbone, model.head], max_norm)
+
+
+def clip_parts(parts, max_norm):
+    """Scale each part's gradients, as one vector, to norm <= max_norm, as clip_grad_norm_ does."""
+    grads, norms = grad_norms(nn.ModuleList(parts))                                 # (P,) over all parts
+    sizes = [sum(p.grad is not None for p in part.parameters()) for part in parts]
+    total = torch.stack([n.square().sum().sqrt() for n in norms.split(sizes)])     # (parts,) each part's norm
+    factors = (max_norm / (total + 1e-6)).clamp(max=1.0)                           # (parts,)
+    torch._foreach_mul_(grads, [f for f, n in zip(factors, sizes) for _ in range(n)])
+
+
+def grad_norms(model):
+    """(gradients to scale in place, their full norms (P,)): under FSDP2 a gradient is a DTensor of which each
+    process holds a shard, and DTensor would all-reduce each norm on its own (one collective per parameter);
+    here the local shards' squared norms go through one all-reduce together."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads and isinstance(grads[0], DTensor):
+        grads = [g.to_local() for g in grads]                                       # dim-0 shards: disjoint parts
+        sq = torch.stack(torch._foreach_norm(grads)).square()                        # (P,) this process's part
+        dist.all_reduce(sq)
+        return grads, sq.sqrt()
+    return grads, torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(0)
 
 
 def init_distributed():
@@ -355,22 +379,32 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def distribute(student, teacher, args, world_size):
-    """Wrap for multi-process training: DDP (default) or FSDP2. Returns the module to call."""
+def distribute(student, teacher, args, world_size, bf16=False):
+    """Wrap for multi-process training: DDP (default) or FSDP2. Returns the module to call.
+
+    FSDP2: each block is a unit of its own, gathered once in forward (Network passes both crop sizes through
+    a block in one call) and, in the student, once in backward; the root (embeddings, final norm, head)
+    stays gathered from the student's forward to the end of its backward. bf16: parameters are gathered and
+    used in bf16 and gradients reduced in float32; a module marked `float32_params` (DINO's prototype layer)
+    is a unit of its own that stays float32.
+    """
     if args.compile:
         for blk in [*student.backbone.blocks, *teacher.backbone.blocks]:
             blk.compile()
     if world_size == 1:
         return student
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for net in (student, teacher):            # same sharding, so the EMA is a local op on each shard
-            for blk in net.backbone.blocks:
-                fully_shard(blk)
-        fully_shard(student)
-        fully_shard(teacher, reshard_after_forward=True)  # a root keeps its weights gathered unless told: no backward here
-        return student
-    return nn.parallel.DistributedDataParallel(student)
+    if not args.fsdp:   # no batch norm here: the buffers are constants, which DDP would broadcast every forward
+        return nn.parallel.DistributedDataParallel(student, broadcast_buffers=False)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for net in (student, teacher):            # same sharding, so the EMA is a local op on each shard
+        for m in net.modules():
+            if getattr(m, "float32_params", False):
+                fully_shard(m, reshard_after_forward=net is teacher)
+        for blk in net.backbone.blocks:
+            fully_shard(blk, reshard_after_forward=True, mp_policy=policy)
+        fully_shard(net, reshard_after_forward=net is teacher, mp_policy=policy)   # the teacher has no backward
+    return student
 
 
 def seed_all(seed):
@@ -625,7 +659,8 @@ def train(args):
         fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output_dir")
     seed_all(args.seed)
     use_cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and args.bf16)
+    bf16 = use_cuda and args.bf16
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
 
     # ---- data: 2 global + local_crops_number local crops of every image
     transform = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
@@ -644,7 +679,7 @@ def train(args):
     # ---- student, teacher, optimiser
     student, teacher = build_networks(args)
     student, teacher = student.to(device), teacher.to(device)
-    model = distribute(student, teacher, args, world_size)
+    model = distribute(student, teacher, args, world_size, bf16)
     optimizer = torch.optim.AdamW(param_groups(student, args.layerwise_decay, args.patch_embed_lr_mult), lr=0.0,
                                   fused=use_cuda)
     gamma = released_gamma(args.proj_dim, global_batch) if args.gamma == "released" else float(args.gamma)

@@ -16,6 +16,7 @@ Parameter names follow the DINO and DINOv2 releases (`cls_token`, `pos_embed`,
     model = vit_small(patch_size=16); load_checkpoint(model, "out/checkpoint.pth")
     cls = model(images)                                # (B, D) final-norm CLS feature
     out = model.forward_features(images)               # dict: cls (B, D), registers (B, R, D), patches (B, N, D)
+    g, l = model.forward_features_list([xg, xl])       # two crop sizes (dicts as above) in one pass over the blocks
 """
 import argparse
 import math
@@ -89,7 +90,12 @@ class Block(nn.Module):
         # a buffer, not a float: torch.compile would specialise each block on its own rate and recompile per block
         self.register_buffer("drop_prob", torch.tensor(float(drop_path)), persistent=False)
 
-    def forward(self, x):
+    def forward(self, x):                                  # (B, N, D) tokens, or a list of such batches
+        if isinstance(x, list):   # several token counts (crop sizes) in one call: FSDP gathers the weights once
+            return [self.residual_branches(t) for t in x]
+        return self.residual_branches(x)
+
+    def residual_branches(self, x):                        # (B, N, D) -> (B, N, D)
         x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_prob, self.training)
         x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_prob, self.training)
         return x
@@ -193,20 +199,26 @@ class VisionTransformer(nn.Module):
         return x
 
     def run_block(self, blk, x):
-        """blk(x), or under grad_checkpointing (training with autograd on) the same through
-        torch.utils.checkpoint: the non-reentrant kind, which works with torch.compile'd blocks and
-        FSDP2, and which replays the RNG so that drop path drops the same samples in the recompute."""
+        """blk(x) (x a batch of tokens or a list of them), or under grad_checkpointing (training with autograd
+        on) the same through torch.utils.checkpoint: the non-reentrant kind, which works with torch.compile'd
+        blocks and FSDP2, and which replays the RNG so that drop path drops the same samples in the recompute."""
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
         return blk(x)
 
-    def forward_features(self, x, masks=None):
-        x = self.prepare_tokens(x, masks)
+    def forward_features_list(self, xs, masks=None):
+        """forward_features of several batches of images at once, e.g. the global and the local crops (DINOv2's
+        forward_features_list): every block takes all of them in one call, so that under FSDP2 each block's
+        weights are gathered once in forward and once in backward, not once per crop size."""
+        x = [self.prepare_tokens(t, m) for t, m in zip(xs, masks or [None] * len(xs))]  # each (B_i, 1 + R + N_i, D)
         for blk in self.blocks:
             x = self.run_block(blk, x)
-        x = self.norm(x)                                                              # (B, 1 + R + N, D)
         r = 1 + self.num_register_tokens
-        return {"cls": x[:, 0], "registers": x[:, 1:r], "patches": x[:, r:]}
+        return [{"cls": t[:, 0], "registers": t[:, 1:r], "patches": t[:, r:]} for t in map(self.norm, x)]
+
+    def forward_features(self, x, masks=None):
+        """(B, 3, H, W) -> dict of final-norm tokens: cls (B, D), registers (B, R, D), patches (B, N, D)."""
+        return self.forward_features_list([x], [masks])[0]
 
     def get_intermediate_layers(self, x, n=1):
         """Final-norm outputs (B, 1 + R + N, D) of the last n blocks, as linear probes use them."""

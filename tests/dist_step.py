@@ -43,7 +43,9 @@ def share(x, rank, world_size):
 
 
 def full_state(model):
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """Full tensors, copied (on one process the state dict holds the parameters themselves)."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.clone() for k, v in sd.items()}
 
 
 def full_grads(model):
@@ -119,3 +121,15 @@ def check_clipping_per_parameter(r):
     for n, g in r["grads"].items():
         expected = g * min(1.0, CLIP / (g.norm().item() + 1e-6))
         torch.testing.assert_close(r["clipped"][n], expected, rtol=1e-5, atol=1e-5 * CLIP, msg=n)
+
+
+def check_clipping_per_part(r, prefixes):
+    """DINOv2's clipping was active and per part (backbone, each head): each part's gradients, as one vector,
+    were scaled to norm min(its norm, CLIP)."""
+    assert set(r["grads"]) == {n for n in r["grads"] if n.startswith(tuple(prefixes))}
+    for prefix in prefixes:
+        part = {n: g for n, g in r["grads"].items() if n.startswith(prefix)}
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in part.values()])).item()
+        assert norm > 2 * CLIP, prefix
+        for n, g in part.items():
+            torch.testing.assert_close(r["clipped"][n], g * CLIP / (norm + 1e-6), rtol=1e-5, atol=1e-7 * CLIP, msg=n)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dinov2
-from test_simdino_dist import free_port
+from dist_step import free_port
 
 
 def randn(*shape, seed=0, scale=1.0):

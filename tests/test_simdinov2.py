@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import simdinov2
 import vit
-from test_simdino_dist import free_port
+from dist_step import SPLIT_IDS, SPLITS, assert_grads_close, check_clipping_per_part, check_update, init, \
+    record_step, share, spawn
 
 
 def unit(*shape, seed=0):
@@ -196,66 +195,56 @@ def test_clipping_is_per_module_global_norm():
         assert norm.item() == pytest.approx(3.0, rel=1e-4)
 
 
-# ----------------------------------------------------------------------------- 1 vs 2 processes
+# ----------------------------------------------------------------------------- 1 process vs 2 and 4
 
 GLOBAL_BATCH = 8
 DIST = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16", "--local_crops_size", "8",
-        "--proj_hidden_dim", "64", "--proj_dim", "16", "--drop_path_rate", "0", "--cov_group_size", "4"]
+        "--proj_hidden_dim", "64", "--proj_dim", "16", "--drop_path_rate", "0", "--cov_group_size", "2"]
 
 
 def one_step(rank, world_size, fsdp, port, out):
-    if world_size > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    """Algorithm 2, one step, on this process's share of a fixed global batch (tests/dist_step.py)."""
+    init(rank, world_size, port)
     args = simdinov2.get_args(DIST + ["--batch_size_per_gpu", str(GLOBAL_BATCH // world_size)] + (["--fsdp"] if fsdp else []))
     torch.manual_seed(0)
     student, teacher = simdinov2.build_networks(args)
     model = simdinov2.distribute(student, teacher, args, world_size)
-    optimizer = torch.optim.AdamW(simdinov2.param_groups(student, 0.9, 0.2), lr=1e-3, weight_decay=0.04)
+    groups = simdinov2.param_groups(student, 0.9, 0.2)   # before the forward, as in train(): FSDP2 swaps parameters
     g = torch.Generator().manual_seed(1)
     xg, xl = torch.randn(2, GLOBAL_BATCH, 3, 16, 16, generator=g), torch.randn(3, GLOBAL_BATCH, 3, 8, 8, generator=g)
     m = torch.rand(2, GLOBAL_BATCH, 4, generator=g) < 0.4                      # (M_glo, B, N)
-    b = GLOBAL_BATCH // world_size
-    xg, xl, m = xg[:, rank * b:(rank + 1) * b], xl[:, rank * b:(rank + 1) * b], m[:, rank * b:(rank + 1) * b].flatten(0, 1)
+    xg, xl, m = share(xg, rank, world_size), share(xl, rank, world_size), share(m, rank, world_size).flatten(0, 1)
     idx, w = m.flatten().nonzero().squeeze(1), simdinov2.patch_weights(m)
     zsg, Zsg, zsl = model(xg, idx, m, xl)
     with torch.no_grad():
         ztg, Ztg = teacher(xg, idx)
     gamma = simdinov2.released_gamma(args.proj_dim, GLOBAL_BATCH)
     loss = simdinov2.simdinov2_loss(zsg, zsl, ztg, Zsg, Ztg, w, args.eps, gamma, args.cov_group_size)[0]
-    loss.backward()
-    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-             for n, p in student.named_parameters() if p.grad is not None}
-    simdinov2.clip_gradients(student, 0.01)
-    optimizer.step()
-    with torch.no_grad():
-        torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - 0.9)
-    loss = loss.detach()
-    if world_size > 1:
-        dist.all_reduce(loss)
-        loss /= world_size
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    result = {"loss": loss, "grads": grads, "student": get_model_state_dict(student, options=full),
-              "teacher": get_model_state_dict(teacher, options=full)}
+    result = record_step(simdinov2, student, teacher, loss, groups, world_size)
     if rank == 0:
         torch.save(result, out)
     if world_size > 1:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_one_vs_two_processes(fsdp, tmp_path):
-    one_step(0, 1, False, None, tmp_path / "one.pt")
-    mp.start_processes(one_step, args=(2, fsdp, free_port(), tmp_path / "two.pt"), nprocs=2, start_method="fork")
-    single, double = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    torch.testing.assert_close(double["loss"], single["loss"], rtol=1e-5, atol=1e-6)
-    assert single["grads"].keys() == double["grads"].keys()
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return spawn(one_step, 1, tmp_path_factory.mktemp("single") / "one.pt", False)
+
+
+def test_one_process_step(single):
+    check_clipping_per_part(single, ["backbone.", "head."])
+    check_update(single)
     assert single["grads"]["backbone.mask_token"].abs().sum() > 0          # masking reached the mask token
-    for n in single["grads"]:
-        torch.testing.assert_close(double["grads"][n], single["grads"][n], rtol=1e-4, atol=1e-7, msg=n)
-    for part in ("student", "teacher"):
-        for n, v in single[part].items():
-            torch.testing.assert_close(double[part][n], v, rtol=1e-4, atol=1e-6, msg=f"{part} {n}")
+
+
+@pytest.mark.parametrize("world_size, fsdp", SPLITS, ids=SPLIT_IDS)
+def test_one_vs_n_processes(single, world_size, fsdp, tmp_path):
+    n = spawn(one_step, world_size, tmp_path / "n.pt", fsdp)
+    torch.testing.assert_close(n["loss"], single["loss"], rtol=1e-5, atol=1e-6)
+    assert_grads_close(n["grads"], single["grads"], "gradient")
+    assert_grads_close(n["clipped"], single["clipped"], "clipped gradient")
+    check_update(n)
 
 
 # ----------------------------------------------------------------------------- end to end
