@@ -107,7 +107,12 @@ def get_args(argv=None):
                    help="Epochs at the start in which the prototype layer is not updated; it stabilises DINO (released: 1).")
     # Teacher and optimisation
     p.add_argument("--momentum_teacher", default=0.996, type=float,
-                   help="Teacher EMA momentum at the start; it follows a cosine schedule to 1 (Table 4: 0.996).")
+                   help="""Teacher EMA momentum at the start; it follows a cosine schedule to --final_momentum_teacher
+                   (Table 4: 0.996).""")
+    p.add_argument("--final_momentum_teacher", default=1.0, type=float,
+                   help="""Teacher EMA momentum at the end of the cosine schedule (DINOv2's name; 1 in every released
+                   recipe). --momentum_teacher 0 --final_momentum_teacher 0: the teacher is the student after every
+                   step, training without self-distillation (the paper's Table 9).""")
     p.add_argument("--lr", default=0.0005, type=float,
                    help="""Peak learning rate per 256 images, scaled linearly with the global batch (released
                    DINO script: 0.0005, i.e. 0.001 at 512; Table 4 prints 0.002).""")
@@ -579,7 +584,8 @@ def check_args(args):
     """Every flag is checked here, once, before anything is built or written: a bad value stops the run with
     one line that names the flag, the value and the valid range."""
     ranges = {"patch_size": "[1, inf)", "drop_path_rate": "[0, 1)", "num_register_tokens": "[0, inf)",
-              "proj_hidden_dim": "[1, inf)", "proj_dim": "[1, inf)", "momentum_teacher": "[0, 1]", "lr": "[0, inf)",
+              "proj_hidden_dim": "[1, inf)", "proj_dim": "[1, inf)", "momentum_teacher": "[0, 1]",
+              "final_momentum_teacher": "[0, 1]", "lr": "[0, inf)",
               "min_lr": "[0, inf)", "warmup_epochs": "[0, inf)", "weight_decay": "[0, inf)",
               "weight_decay_end": "[0, inf)", "clip_grad": "[0, inf)", "batch_size_per_gpu": "[1, inf)",
               "epochs": "[1, inf)", "epoch_length": "[1, inf)", "global_crops_scale": "(0, 1]",
@@ -640,7 +646,8 @@ def train(args):
     lr_schedule = cosine_schedule(args.lr * global_batch / 256, args.min_lr, args.epochs, iters_per_epoch,
                                   args.warmup_epochs)                                   # linear scaling rule
     wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
-    momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch)
+    momentum_schedule = cosine_schedule(args.momentum_teacher, args.final_momentum_teacher, args.epochs,
+                                        iters_per_epoch)
     teacher_temps = teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs,
                                           args.epochs)                                  # per epoch, as released
 

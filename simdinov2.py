@@ -123,7 +123,12 @@ def get_args(argv=None):
                    help="Masked-patch ratios of the masked crops, spread uniformly over this range across the batch (DINOv2: 0.1 0.5).")
     # Teacher and optimisation
     p.add_argument("--momentum_teacher", default=0.9, type=float,
-                   help="Teacher EMA momentum at the start; it follows a cosine schedule to 1 (SimDINOv2: 0.9; DINOv2: 0.992).")
+                   help="""Teacher EMA momentum at the start; it follows a cosine schedule to --final_momentum_teacher
+                   (SimDINOv2: 0.9; DINOv2: 0.992).""")
+    p.add_argument("--final_momentum_teacher", default=1.0, type=float,
+                   help="""Teacher EMA momentum at the end of the cosine schedule (DINOv2's name; 1 in every released
+                   recipe). --momentum_teacher 0 --final_momentum_teacher 0: the teacher is the student after every
+                   step, training without self-distillation (the paper's Table 9).""")
     p.add_argument("--lr", default=0.004, type=float,
                    help="""Peak learning rate for a global batch of 1024, scaled by sqrt(batch / 1024) (Table 4 and
                    the released config: 0.004, sqrt_wrt_1024). The optimiser is AdamW, as in DINOv2 and in the released
@@ -610,7 +615,8 @@ def check_args(args):
     """Every flag is checked here, once, before anything is built or written: a bad value stops the run with
     one line that names the flag, the value and the valid range."""
     ranges = {"patch_size": "[1, inf)", "drop_path_rate": "[0, 1)", "num_register_tokens": "[0, inf)",
-              "proj_hidden_dim": "[1, inf)", "proj_dim": "[1, inf)", "momentum_teacher": "[0, 1]", "lr": "[0, inf)",
+              "proj_hidden_dim": "[1, inf)", "proj_dim": "[1, inf)", "momentum_teacher": "[0, 1]",
+              "final_momentum_teacher": "[0, 1]", "lr": "[0, inf)",
               "min_lr": "[0, inf)", "warmup_epochs": "[0, inf)", "weight_decay": "[0, inf)",
               "weight_decay_end": "[0, inf)", "clip_grad": "[0, inf)", "batch_size_per_gpu": "[1, inf)",
               "epochs": "[1, inf)", "epoch_length": "[1, inf)", "global_crops_scale": "(0, 1]",
@@ -688,7 +694,8 @@ def train(args):
     lr_schedule = cosine_schedule(args.lr * math.sqrt(global_batch / 1024), args.min_lr, args.epochs, iters_per_epoch,
                                   args.warmup_epochs, args.min_lr)   # square-root scaling; warm-up from min_lr, as released
     wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
-    momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch)
+    momentum_schedule = cosine_schedule(args.momentum_teacher, args.final_momentum_teacher, args.epochs,
+                                        iters_per_epoch)
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     start_it = 0

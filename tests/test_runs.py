@@ -269,3 +269,29 @@ def test_requirements_give_minimum_versions_and_ci_pins_them():
     assert "--index-url https://download.pytorch.org/whl/cpu" in readme
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     assert (major, minor) >= (2, 8)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_without_self_distillation_the_teacher_is_the_student_after_every_step(method, tmp_path):
+    """--momentum_teacher 0 --final_momentum_teacher 0 (the paper's Table 9): after each step the teacher's
+    weights are the student's, bit for bit; the default schedule rises from --momentum_teacher towards 1,
+    another --final_momentum_teacher towards it."""
+    mod = importlib.import_module(method)
+    saved, save = [], mod.save_checkpoint
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mod, "save_checkpoint", lambda obj, path: save(obj, path) or saved.append(torch.load(path)))
+        mod.train(mod.get_args(tiny(method, "--epochs", "1", "--epoch_length", "3", "--saveckp_every", "1",
+                                    "--momentum_teacher", "0", "--final_momentum_teacher", "0",
+                                    "--output_dir", str(tmp_path / "m0"))))
+    assert [c["iteration"] for c in saved] == [1, 2, 3, 3]             # every step, then the epoch's end
+    for ckpt in saved:
+        assert ckpt["student"].keys() == ckpt["teacher"].keys()
+        for k, v in ckpt["student"].items():
+            assert torch.equal(ckpt["teacher"][k], v), (ckpt["iteration"], k)
+    assert {r["momentum"] for r in read_log(str(tmp_path / "m0"))} == {0.0}
+    qkv = "backbone.blocks.0.attn.qkv.weight"
+    assert not torch.equal(saved[0]["teacher"][qkv], saved[2]["teacher"][qkv])   # it follows a student that learns
+    mod.train(mod.get_args(tiny(method, "--epochs", "1", "--epoch_length", "3", "--momentum_teacher", "0.5",
+                                "--final_momentum_teacher", "0.6", "--output_dir", str(tmp_path / "m5"))))
+    momenta = [r["momentum"] for r in read_log(str(tmp_path / "m5"))]
+    assert momenta[0] == 0.5 and momenta == sorted(momenta) and 0.55 < momenta[-1] < 0.6
