@@ -184,6 +184,11 @@ def get_args(argv=None):
                    or killed run loses at most that many; --resume continues from it exactly. 0: at epoch ends only.""")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="Continue a run: from <output_dir>/checkpoint.pth, or from the checkpoint given.")
+    p.add_argument("--pretrained_weights", default=None, metavar="PATH",
+                   help="""Start the student's and the teacher's backbones from the ViT in this file: the released
+                   DINO / DINOv2 / SimDINO / SimDINOv2 checkpoints, this project's (its teacher), a bare state dict.
+                   The heads start fresh. To continue pre-training on another domain (DINOv2's
+                   student.pretrained_weights); the architecture flags must match the file's.""")
     p.add_argument("--seed", default=0, type=int, help="Seed of weights, augmentations and data order.")
     p.add_argument("--log_every", default=10, type=int, help="Iterations between log lines (each costs one GPU sync).")
     p.add_argument("--fsdp", action="store_true", help="Shard student and teacher with FSDP2 (fully_shard) instead of DDP.")
@@ -593,6 +598,18 @@ def load_training_state(path, student, teacher, optimizer):
     return ckpt
 
 
+def load_pretrained(path, student, teacher):
+    """--pretrained_weights: both backbones <- the ViT of a checkpoint (a training checkpoint's teacher), any layout
+    vit_from_checkpoint reads; position embeddings resized if only their grid differs. Heads stay as built."""
+    ckpt = vit.read_checkpoint(path)
+    try:
+        for net in (student, teacher):
+            vit.load_state_dict(net.backbone, vit.backbone_state_dict(ckpt))
+    except vit.CheckpointError:
+        fail(f"--pretrained_weights {path} holds a {vit.describe(vit.vit_from_checkpoint(ckpt))}; this run builds a "
+             f"{vit.describe(student.backbone)}: pass the architecture flags that build the file's ViT")
+
+
 def fail(msg):
     """Stop every process with a one-line message and a non-zero exit code, no traceback."""
     sys.exit(f"error: {msg}")
@@ -684,6 +701,8 @@ def train(args):
 
     # ---- student, teacher, optimiser
     student, teacher = build_networks(args)
+    if args.pretrained_weights:
+        load_pretrained(args.pretrained_weights, student, teacher)    # backbones only: the heads start fresh
     student, teacher = student.to(device), teacher.to(device)
     model = distribute(student, teacher, args, world_size, bf16)
     optimizer = torch.optim.AdamW(param_groups(student, args.layerwise_decay, args.patch_embed_lr_mult), lr=0.0,
