@@ -333,16 +333,36 @@ def load_state_dict(model, sd):
     return model
 
 
+def checkpoint_globals():
+    """What torch.load(weights_only=True) may build beyond tensors, for the training checkpoints of DINO's
+    main_dino.py and the SimDINO release: their args are an argparse.Namespace, and their optimizer state keeps
+    each param group's lr and weight_decay as numpy float64 scalars (read off numpy schedule arrays). torch.save
+    pickles such a scalar as numpy.core.multiarray.scalar (numpy 1.x) or numpy._core.multiarray.scalar (numpy 2.x)
+    called on a numpy.dtype whose state is then set (the concrete class: numpy.dtypes.Float64DType on numpy 2.x).
+    Both module names are allowed, so a file written under either numpy loads under the other. Only numeric
+    dtypes: no object arrays, no numpy arrays, nothing that calls code."""
+    import numpy as np
+    core = np._core if hasattr(np, "_core") else np.core          # numpy 2.x; numpy.core warns there
+    scalar = core.multiarray.scalar
+    numeric = {type(np.dtype(c)) for c in "?" + np.typecodes["AllInteger"] + np.typecodes["AllFloat"]}
+    return [argparse.Namespace, np.dtype, *sorted(numeric, key=str), (scalar, "numpy.core.multiarray.scalar"),
+            (scalar, "numpy._core.multiarray.scalar")]
+
+
+# the weights-only unpickler's refusals of an object it may not build (torch 2.4 - 2.14): the file is a checkpoint
+REFUSED = ("Unsupported global", "Can only build", "Can only create new object", "Trying to call reduce", "is blocked")
+
+
 def read_checkpoint(path):
-    """torch.load with weights_only=True: a checkpoint cannot run code. DINO's full checkpoints keep
-    their arguments as an argparse.Namespace, which is allowed."""
+    """torch.load with weights_only=True: a checkpoint cannot run code. What DINO's and SimDINO's full
+    training checkpoints hold beyond tensors (argparse.Namespace, numpy scalars) is allowed: checkpoint_globals."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(checkpoint_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint '{path}' does not exist: pass the path of a .pth file") from None
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):      # not a pickle of allowed objects: not a checkpoint at all
+        if not any(s in str(e) for s in REFUSED):   # not a pickle of allowed objects: not a checkpoint at all
             raise CheckpointError(f"checkpoint '{path}' could not be read (UnpicklingError): is it a PyTorch .pth file?") from None
         raise CheckpointError(f"checkpoint '{path}' holds Python objects beyond tensors, which are not loaded: if you "
                               f"trust it, torch.load(path, weights_only=False) it yourself and pass the dict") from None

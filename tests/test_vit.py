@@ -246,3 +246,121 @@ def test_wrong_architecture_and_bad_files(tmp_path):
         vit.load_checkpoint(vit.vit_small(patch_size=16), {"teacher": sd}, which="student")
     with pytest.raises(vit.CheckpointError, match="holds no ViT backbone"):
         vit.vit_from_checkpoint({"teacher": {"head.mlp.0.weight": torch.zeros(2, 2)}})
+
+
+# ----------------------------------------------------------------------------- the releases' training checkpoints
+
+class MultiCropWrapper(torch.nn.Module):
+    """DINO's student / teacher: backbone + head, so the state dict reads backbone.* and head.*."""
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def release_training_checkpoint(path, registers=0, **save_kwargs):
+    """A checkpoint saved the way DINO's main_dino.py (and the SimDINO release's scripts, which keep its code) save
+    theirs: lr and weight decay set from numpy schedule arrays each iteration, then one step; the args Namespace."""
+    import numpy as np
+    torch.manual_seed(0)
+    student = MultiCropWrapper(vit.vit_tiny(patch_size=16, img_size=32, num_register_tokens=registers),
+                               torch.nn.Linear(192, 8))
+    teacher = MultiCropWrapper(vit.vit_tiny(patch_size=16, img_size=32, num_register_tokens=registers),
+                               torch.nn.Linear(192, 8))
+    regularized = [p for n, p in student.named_parameters() if not n.endswith(".bias") and p.ndim > 1]
+    not_regularized = [p for n, p in student.named_parameters() if n.endswith(".bias") or p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}])
+    lr_schedule = np.linspace(0.0, 5e-4, 10)                                       # DINO's cosine_scheduler arrays
+    wd_schedule = 0.4 + 0.5 * (0.04 - 0.4) * (1 + np.cos(np.pi * np.arange(10) / 10))
+    for i, param_group in enumerate(optimizer.param_groups):                       # main_dino.py, train_one_epoch
+        param_group["lr"] = lr_schedule[3]
+        if i == 0:
+            param_group["weight_decay"] = wd_schedule[3]
+    student(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    optimizer.step()
+    args = argparse.Namespace(arch="vit_tiny", patch_size=16, lr=0.0005, weight_decay=0.04, out_dim=8, seed=0,
+                              global_crops_scale=(0.4, 1.0), output_dir=".")
+    ckpt = {"student": {f"module.{k}": v for k, v in student.state_dict().items()},   # DDP-wrapped
+            "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 4, "args": args,
+            "dino_loss": {"center": torch.randn(1, 8)}}
+    assert type(ckpt["optimizer"]["param_groups"][0]["lr"]) is np.float64
+    assert type(ckpt["optimizer"]["param_groups"][0]["weight_decay"]) is np.float64
+    torch.save(ckpt, path, **save_kwargs)
+    return student, teacher, lr_schedule[3], wd_schedule[3]
+
+
+def assert_same_weights(model, source):
+    own = model.state_dict()
+    for k, v in source.backbone.state_dict().items():
+        if k != "mask_token":
+            torch.testing.assert_close(own[k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_release_training_checkpoint_with_numpy_scalars_loads(tmp_path, registers):
+    import numpy as np
+
+    import eval_knn
+    import eval_linear
+    path = str(tmp_path / "checkpoint.pth")
+    student, teacher, lr, wd = release_training_checkpoint(path, registers)
+    ckpt = vit.read_checkpoint(path)                        # weights_only: numpy scalars and the Namespace come back
+    groups = ckpt["optimizer"]["param_groups"]
+    assert type(groups[0]["lr"]) is np.float64 and groups[0]["lr"] == lr and groups[1]["lr"] == lr
+    assert type(groups[0]["weight_decay"]) is np.float64 and groups[0]["weight_decay"] == wd and wd > 0.04
+    assert groups[1]["weight_decay"] == 0.0 and ckpt["epoch"] == 4 and ckpt["dino_loss"]["center"].shape == (1, 8)
+    assert isinstance(ckpt["args"], argparse.Namespace) and ckpt["args"].global_crops_scale == (0.4, 1.0)
+    assert ckpt["optimizer"]["state"][0]["exp_avg"].abs().sum() > 0   # a real step's Adam state
+
+    model = vit.vit_from_checkpoint(path)
+    assert (model.embed_dim, model.patch_size, model.num_register_tokens) == (192, 16, registers)
+    assert_same_weights(model, teacher)
+    assert_same_weights(vit.vit_from_checkpoint(path, which="student"), student)
+    assert not torch.equal(teacher.backbone.cls_token, student.backbone.cls_token)
+    # DINO / SimDINO / DINOv2 without registers resize by offset 0.1, register models by size with antialias
+    assert (model.interpolate_offset, model.interpolate_antialias) == ((0.0, True) if registers else (0.1, False))
+    knn_model, knn_args = eval_knn.load_backbone(path)
+    assert_same_weights(knn_model, teacher)
+    assert knn_args["arch"] == "vit_tiny" and knn_args["seed"] == 0       # the Namespace as a dict
+    linear_model, _ = eval_linear.load_backbone(path, "student")
+    assert_same_weights(linear_model, student)
+    x = torch.randn(2, 3, 32, 32)                                           # the stored grid: no resizing
+    torch.testing.assert_close(knn_model(x), teacher.backbone.eval()(x), rtol=0, atol=0)
+
+
+def test_release_checkpoint_written_under_the_other_numpy_loads(tmp_path):
+    """numpy 1.x pickles a scalar as numpy.core.multiarray.scalar, numpy 2.x as numpy._core.multiarray.scalar: a
+    file written under one loads under the other. The legacy (non-zip) format keeps the pickle as plain bytes."""
+    import numpy as np
+    path = tmp_path / "legacy.pth"
+    _, teacher, lr, _ = release_training_checkpoint(path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    names = [b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"]
+    own = next(n for n in names if n in raw)
+    other = names[1 - names.index(own)]
+    path.write_bytes(raw.replace(own, other))
+    assert other in path.read_bytes() and own not in path.read_bytes()
+    ckpt = vit.read_checkpoint(str(path))
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert type(group["lr"]) is np.float64 and group["lr"] == lr
+    assert_same_weights(vit.vit_from_checkpoint(str(path)), teacher)
+
+
+class Schedule:
+    def __init__(self):
+        self.values = [0.1]
+
+
+def test_release_checkpoint_with_other_objects_is_still_refused(tmp_path):
+    import numpy as np
+    path = tmp_path / "checkpoint.pth"
+    release_training_checkpoint(path)
+    for name, extra in [("class", Schedule()), ("numpy array", np.arange(3.0)), ("function", print)]:
+        ckpt = torch.load(path, weights_only=False)
+        ckpt["optimizer"]["param_groups"][0]["scheduler"] = extra
+        torch.save(ckpt, tmp_path / "other.pth")
+        with pytest.raises(vit.CheckpointError, match="holds Python objects beyond tensors, which are not loaded") as e:
+            vit.read_checkpoint(str(tmp_path / "other.pth"))
+        assert "\n" not in str(e.value), name
