@@ -16,7 +16,9 @@
 # STAGES selects what runs (default "train knn linear knn_curve"); EPOCH_LENGTH, EPOCHS, LINEAR_EPOCHS and
 # NUM_WORKERS shrink or grow the run (the CI test runs this file on a few hundred fake images); SEED (default 0,
 # the README's runs) changes the initialisation, the data order, the crops and the drop-path draws, to measure
-# run-to-run noise.
+# run-to-run noise. EXTRA (default empty) holds flags appended to the training command after the method's own, so
+# they override both: EXTRA="--momentum_teacher 0 --final_momentum_teacher 0" trains without self-distillation
+# (the teacher is the student after every step, the paper's Table 9; README).
 set -euo pipefail
 method=$1; data=$2; out=$3
 EPOCH_LENGTH=${EPOCH_LENGTH:-250}
@@ -25,6 +27,7 @@ LINEAR_EPOCHS=${LINEAR_EPOCHS:-1}
 NUM_WORKERS=${NUM_WORKERS:-1}
 SEED=${SEED:-0}
 STAGES=${STAGES:-train knn linear knn_curve}
+read -r -a extra <<< "${EXTRA:-}"   # split on spaces; empty: no flags
 PYTHON=${PYTHON:-python}
 run() { echo "+ $*"; "$@"; }   # each command into the log, then run it
 
@@ -56,7 +59,8 @@ evaluation=(--data "$data" --resize_size 32 --crop_size 32 --num_workers "$NUM_W
 for stage in $STAGES; do
   case $stage in
     train)
-      run $PYTHON "$method.py" "${common[@]}" "${own[@]}" --data "$data" --output_dir "$out" ;;
+      run $PYTHON "$method.py" "${common[@]}" "${own[@]}" ${extra[@]+"${extra[@]}"} \
+        --data "$data" --output_dir "$out" ;;
     knn)  # the last checkpoint, and the same network at initialisation
       run $PYTHON eval_knn.py --checkpoint "$last" "${evaluation[@]}" --nb_knn 10 20 100 200 --compare_init ;;
     knn_curve)  # the earlier epochs' checkpoints, for the k-NN curve of plot_runs.py

@@ -59,6 +59,11 @@ def test_cifar10_recipe_trains_and_evaluates(method, cifar_tree, tmp_path):
     env.pop("SEED", None)
     if seed:
         env["SEED"] = str(seed)
+    # EXTRA: flags after the method's own, so they override them; DINO's own --momentum_teacher 0.996 here
+    extra = {"momentum_teacher": 0.0, "final_momentum_teacher": 0.0} if method == "dino" else {}
+    env.pop("EXTRA", None)
+    if extra:
+        env["EXTRA"] = "--momentum_teacher 0 --final_momentum_teacher 0"
     run = subprocess.run(["bash", os.path.join("recipes", "cifar10.sh"), method, cifar_tree, out], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -66,14 +71,18 @@ def test_cifar10_recipe_trains_and_evaluates(method, cifar_tree, tmp_path):
     # training: 2 epochs of 2 iterations on the folder's train split, the recipe's flags in the checkpoint
     log = plot_runs.read_log(out)
     assert log[-1]["iteration"] == 3 and all(np.isfinite(r["loss"]) for r in log)             # 4 iterations
-    args = torch.load(os.path.join(out, "checkpoint0002.pth"), map_location="cpu", weights_only=False)["args"]
+    ckpt = torch.load(os.path.join(out, "checkpoint0002.pth"), map_location="cpu", weights_only=False)
+    args = ckpt["args"]
     shared = {"arch": "vit_tiny", "patch_size": 8, "global_crops_size": 32, "local_crops_size": 16,
               "local_crops_number": 4, "global_crops_scale": [0.25, 1.0], "local_crops_scale": [0.05, 0.25],
               "batch_size_per_gpu": 64, "lr": 0.002, "momentum_teacher": 0.95, "drop_path_rate": 0.1,
               "warmup_epochs": 1, "seed": seed}
-    for name, value in {**shared, **OWN[method]}.items():
+    for name, value in {**shared, **OWN[method], **extra}.items():
         got = list(args[name]) if isinstance(args[name], (list, tuple)) else args[name]
         assert got == value, (name, got, value)
+    if extra:                                              # without self-distillation: the teacher is the student
+        assert ckpt["teacher"].keys() == ckpt["student"].keys()
+        assert all(torch.equal(ckpt["teacher"][k], v) for k, v in ckpt["student"].items())
 
     # k-NN of both checkpoints, the last one also at init; plot_runs puts them at iterations 2 and 4
     for epoch in (1, 2):
