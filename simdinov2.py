@@ -38,6 +38,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -98,8 +99,12 @@ def get_args(argv=None):
                    help="""Samples per coding-rate estimate n. The batch of each view is split into groups of n
                    consecutive samples, R_eps is taken on each and averaged. The released code uses the per-GPU
                    batch (128 in Table 4), so its loss depends on the GPU count; here n is fixed, so 1 or 8
-                   processes at the same global batch optimise the same objective. Must divide --batch_size_per_gpu. 'auto': 128,
-                   or the largest divisor of a smaller --batch_size_per_gpu (printed at start).""")
+                   processes at the same global batch optimise the same objective.
+                   n divides --batch_size_per_gpu, or is a multiple of it that divides the global batch: a group
+                   then spans n / batch_size_per_gpu consecutive processes, their covariances all-reduced (the
+                   release's --reduce_cov 1 is n = the global batch). 'auto': 128, spanning processes when the
+                   per-process batch is smaller; the largest divisor of the batch where that cannot be (one
+                   process). Printed at start.""")
     p.add_argument("--gamma", default="released",
                    help="""Weight of the coding-rate term. 'released': the authors' heuristic (d + B)/(d B), with d
                    --proj_dim and B the global batch (0.0049 at d=256, B=1024). A number sets it directly
@@ -257,17 +262,24 @@ def build_networks(args):
 
 # ----------------------------------------------------------------------------- loss (eqs. 6, 7, 16)
 
-def coding_rate(Z, eps):
+def coding_rate(Z, eps, group=None):
     """R_eps(Z) = 1/2 logdet(I + d/eps^2 * Z^T Z / n) of eq. 7, for Z (..., n, d) -> (...).
 
     Computed in float64 via Cholesky whatever Z's dtype or the autocast state: I + cS is
     positive definite, but with large n and small eps float32 (let alone bf16) loses it and
     returns NaN. The d x d matrices are small, so this costs next to nothing.
+    group: the processes holding the other rows of the same Zs (a group spanning processes): Z^T Z is
+    summed over them by a differentiable all-reduce and n counts all their rows, so that the value and
+    the gradients are those of one process holding the whole group.
     """
     n, d = Z.shape[-2:]
     with torch.autocast(Z.device.type, enabled=False):
         Z64 = Z.double()
-        covs = Z64.mT @ Z64 / n                                                     # (..., d, d) S of eq. 7
+        gram = Z64.mT @ Z64                                                         # (..., d, d) sum of z z^T
+        if group is not None:
+            gram = dist_nn.all_reduce(gram, group=group)                           # + the rows of the others
+            n *= dist.get_world_size(group)
+        covs = gram / n                                                             # (..., d, d) S of eq. 7
         L, _ = torch.linalg.cholesky_ex(torch.eye(d, dtype=torch.float64, device=Z.device) + d / eps**2 * covs)
         R = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)                              # logdet(A) = 2 sum log diag L
     return R.to(torch.float64 if Z.dtype == torch.float64 else torch.float32)
@@ -285,13 +297,14 @@ def patch_weights(m):
 
 
 def simdinov2_loss(zsg, zsl, ztg, Zsg, Ztg, w, eps, gamma, cov_group_size, same_view_pairs="skip",
-                   coding_rate_on="mean", distance="half_sq", loss_weighting="released"):
+                   coding_rate_on="mean", distance="half_sq", loss_weighting="released", cov_group=None):
     """Eq. 16, as Algorithm 2 computes it. Returns (loss, mean CLS distance, patch distance, mean R_eps).
 
     zsg (M_glo, B, d), zsl (M_loc, B, d): student CLS features of the (masked) global and the
     local views; ztg (M_glo, B, d): teacher CLS features of the global views; Zsg, Ztg
     (n_masked, d): student and teacher features of the patches the student saw masked;
     w (n_masked,): patch_weights(m). All features L2-normalised.
+    cov_group: the processes a coding-rate group spans (coding_rate_group), or None.
     """
     zsg, zsl, ztg, Zsg, Ztg = (z.to(torch.promote_types(z.dtype, torch.float32)) for z in (zsg, zsl, ztg, Zsg, Ztg))
     M_glo, B, d = zsg.shape
@@ -307,8 +320,9 @@ def simdinov2_loss(zsg, zsl, ztg, Zsg, Ztg, w, eps, gamma, cov_group_size, same_
     # mean over each crop's masked patches, then over all M_glo*B global crops (unmasked ones add 0), as released
     patch_term = (w * patch_sq_dists).sum() / (M_glo * B)
     Z = (zsg + ztg) / 2 if coding_rate_on == "mean" else zsg                         # (M_glo, B, d)
-    Z = Z.unflatten(1, (B // cov_group_size, cov_group_size))                        # (M_glo, B/n, n, d) groups of n
-    R_eps = coding_rate(Z, eps)                                                      # (M_glo, B/n)
+    n = cov_group_size if cov_group is None else B                                    # spanning: B rows here
+    Z = Z.unflatten(1, (B // n, n))                                                  # (M_glo, B/n, n, d) groups of n
+    R_eps = coding_rate(Z, eps, cov_group)                                           # (M_glo, B/n)
     scale = 0.5 if loss_weighting == "paper" else 1.0                                # Algorithm 2 halves the two terms
     loss = scale * (mean_sq_dist + patch_term) - gamma * R_eps.mean()                # eq. 16
     return loss, mean_sq_dist.detach(), patch_term.detach(), R_eps.mean().detach()
@@ -615,11 +629,26 @@ def fail(msg):
     sys.exit(f"error: {msg}")
 
 
-def default_cov_group_size(batch_size_per_gpu, recipe):
-    """--cov_group_size auto: the recipe's group size if it divides the per-process batch, else the largest divisor
-    of that batch below it, so small batches run as they are. Groups never straddle processes: a group size gives
-    the same groups on 1 or N processes, and only a per-process batch too small for the recipe's changes it."""
-    return max(n for n in range(1, min(recipe, batch_size_per_gpu) + 1) if batch_size_per_gpu % n == 0)
+def coding_rate_group(cov_group_size, batch_size_per_gpu):
+    """The processes this one shares its coding-rate groups with when a group spans processes (--cov_group_size
+    above --batch_size_per_gpu): cov_group_size / batch_size_per_gpu consecutive ranks; None when groups fit in
+    a process. Every process must call it (it creates the process groups)."""
+    if cov_group_size <= batch_size_per_gpu:
+        return None
+    group, _ = dist.new_subgroups(group_size=cov_group_size // batch_size_per_gpu)
+    return group
+
+
+def default_cov_group_size(batch_size_per_gpu, recipe, world_size=1):
+    """--cov_group_size auto: the recipe's group size where the batch allows it. A per-process batch at least that
+    large is cut into groups of its largest divisor up to it; a smaller one joins the batches of the next
+    processes (a group spanning m processes, m dividing the world size) up to it; what neither allows (one
+    process with a small batch) gets the per-process batch's largest divisor. A group size gives the same
+    groups, and the same objective, whatever the number of processes."""
+    b = batch_size_per_gpu
+    divisors = [n for n in range(1, min(recipe, b) + 1) if b % n == 0]
+    spanning = [m * b for m in range(2, recipe // b + 1) if world_size % m == 0]
+    return max(divisors + spanning)
 
 
 def in_interval(value, interval):
@@ -657,11 +686,14 @@ def check_args(args):
         if getattr(args, name) % args.patch_size:
             fail(f"--{name} {getattr(args, name)} is not divisible by --patch_size {args.patch_size}: "
                  f"use a multiple of {args.patch_size}")
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     if args.cov_group_size == "auto":
-        args.cov_group_size = default_cov_group_size(args.batch_size_per_gpu, 128)
-    if args.batch_size_per_gpu < args.cov_group_size or args.batch_size_per_gpu % args.cov_group_size:
-        fail(f"--batch_size_per_gpu {args.batch_size_per_gpu} must be a multiple of --cov_group_size "
-             f"{args.cov_group_size} (the samples per covariance): raise the batch or lower the group size")
+        args.cov_group_size = default_cov_group_size(args.batch_size_per_gpu, 128, world_size)
+    n, b = args.cov_group_size, args.batch_size_per_gpu
+    if b % n and not (n % b == 0 and world_size % (n // b) == 0):
+        fail(f"--batch_size_per_gpu {b} must be a multiple of --cov_group_size {n} (the samples per covariance), "
+             f"or the group size a multiple of the batch that divides the global batch {b * world_size} (a group "
+             f"spanning processes): change the batch or the group size")
     if args.mask_ratio[0] > args.mask_ratio[1]:
         fail(f"--mask_ratio {args.mask_ratio[0]} {args.mask_ratio[1]} must be given as min max (DINOv2: 0.1 0.5)")
     if args.gamma != "released":
@@ -708,6 +740,7 @@ def train(args):
     optimizer = torch.optim.AdamW(param_groups(student, args.layerwise_decay, args.patch_embed_lr_mult), lr=0.0,
                                   fused=use_cuda)
     gamma = released_gamma(args.proj_dim, global_batch) if args.gamma == "released" else float(args.gamma)
+    cov_group = coding_rate_group(args.cov_group_size, args.batch_size_per_gpu)   # None: groups fit in a process
 
     # ---- per-iteration schedules, as in the released recipe
     lr_schedule = cosine_schedule(args.lr * math.sqrt(global_batch / 1024), args.min_lr, args.epochs, iters_per_epoch,
@@ -731,9 +764,10 @@ def train(args):
         batch_sampler=RunSampler(len(dataset), args.batch_size_per_gpu, rank, world_size, args.seed, start_it, total_iters),
         collate_fn=functools.partial(seeded_collate, collate=collate, seed=args.seed))
     if rank == 0:
+        span = args.cov_group_size // args.batch_size_per_gpu             # processes per coding-rate group
         print(f"SimDINOv2 {args.arch}/{args.patch_size}: {len(dataset)} images, {world_size} process(es), global batch "
-              f"{global_batch}, gamma {gamma:.4g}, eps {args.eps:.4g}, coding rate on groups of {args.cov_group_size}, "
-              f"{args.epochs} epochs of {iters_per_epoch} iterations, from iteration {start_it}", flush=True)
+              f"{global_batch}, gamma {gamma:.4g}, eps {args.eps:.4g}, coding rate on groups of {args.cov_group_size}"
+              f"{f' spanning {span} processes' if span > 1 else ''}, {args.epochs} epochs of {iters_per_epoch} iterations, from iteration {start_it}", flush=True)
         if args.warmup_epochs >= args.epochs:
             print(f"note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning rate rises "
                   f"for the whole run, never reaching its peak nor decaying; lower --warmup_epochs", flush=True)
@@ -768,7 +802,7 @@ def train(args):
                 # (Algorithm 2's Zsl, the local views' patch features, enters no loss term: not computed)
                 loss, dist_term, patch_term, R_mean = simdinov2_loss(
                     zsg, zsl, ztg, Zsg, Ztg, w, args.eps, gamma, args.cov_group_size, args.same_view_pairs,
-                    args.coding_rate_on, args.distance, args.loss_weighting)
+                    args.coding_rate_on, args.distance, args.loss_weighting, cov_group)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad:

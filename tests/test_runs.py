@@ -180,6 +180,22 @@ def test_small_batch_group_size():
     simdino, simdinov2 = importlib.import_module("simdino"), importlib.import_module("simdinov2")
     assert [simdino.default_cov_group_size(b, 64) for b in (64, 128, 16, 100, 7)] == [64, 64, 16, 50, 7]
     assert [simdinov2.default_cov_group_size(b, 128) for b in (128, 256, 32, 96)] == [128, 128, 32, 96]
+    # on several processes a small per-process batch joins the next processes' up to the recipe's group
+    # (the group size dividing the global batch), and shrinks only where the world size does not allow it
+    assert [simdino.default_cov_group_size(b, 64, 8) for b in (16, 24, 32, 7, 128)] == [64, 48, 64, 56, 64]
+    assert [simdino.default_cov_group_size(16, 64, w) for w in (1, 2, 3, 6)] == [16, 32, 48, 48]
+    assert [simdinov2.default_cov_group_size(b, 128, 8) for b in (64, 32, 128)] == [128, 128, 128]
+
+
+def test_spanning_group_sizes_are_checked_against_the_world_size(monkeypatch):
+    simdino = importlib.import_module("simdino")
+    monkeypatch.setattr(simdino.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(simdino.dist, "get_world_size", lambda: 4)
+    args = simdino.get_args(["--batch_size_per_gpu", "16", "--cov_group_size", "64"])
+    simdino.check_args(args)                                           # 4 processes of 16: one group of 64
+    for group in ("48", "128"):                                        # 3 processes; more than the global batch
+        with pytest.raises(SystemExit, match=f"--batch_size_per_gpu 16 must be a multiple of --cov_group_size {group}"):
+            simdino.check_args(simdino.get_args(["--batch_size_per_gpu", "16", "--cov_group_size", group]))
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -199,13 +199,16 @@ def test_clipping_is_per_module_global_norm():
 
 GLOBAL_BATCH = 8
 DIST = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16", "--local_crops_size", "8",
-        "--proj_hidden_dim", "64", "--proj_dim", "16", "--drop_path_rate", "0", "--cov_group_size", "2"]
+        "--proj_hidden_dim", "64", "--proj_dim", "16", "--drop_path_rate", "0"]
 
 
-def one_step(rank, world_size, fsdp, port, out):
-    """Algorithm 2, one step, on this process's share of a fixed global batch (tests/dist_step.py)."""
+def one_step(rank, world_size, fsdp, group_size, port, out):
+    """Algorithm 2, one step, on this process's share of a fixed global batch (tests/dist_step.py); coding-rate
+    groups of group_size, which span processes when larger than the per-process batch."""
     init(rank, world_size, port)
-    args = simdinov2.get_args(DIST + ["--batch_size_per_gpu", str(GLOBAL_BATCH // world_size)] + (["--fsdp"] if fsdp else []))
+    args = simdinov2.get_args(DIST + ["--batch_size_per_gpu", str(GLOBAL_BATCH // world_size), "--cov_group_size",
+                                      str(group_size)] + (["--fsdp"] if fsdp else []))
+    cov_group = simdinov2.coding_rate_group(args.cov_group_size, args.batch_size_per_gpu)
     torch.manual_seed(0)
     student, teacher = simdinov2.build_networks(args)
     model = simdinov2.distribute(student, teacher, args, world_size)
@@ -219,7 +222,8 @@ def one_step(rank, world_size, fsdp, port, out):
     with torch.no_grad():
         ztg, Ztg = teacher(xg, idx)
     gamma = simdinov2.released_gamma(args.proj_dim, GLOBAL_BATCH)
-    loss = simdinov2.simdinov2_loss(zsg, zsl, ztg, Zsg, Ztg, w, args.eps, gamma, args.cov_group_size)[0]
+    loss = simdinov2.simdinov2_loss(zsg, zsl, ztg, Zsg, Ztg, w, args.eps, gamma, args.cov_group_size,
+                                    cov_group=cov_group)[0]
     result = record_step(simdinov2, student, teacher, loss, groups, world_size)
     if rank == 0:
         torch.save(result, out)
@@ -229,21 +233,24 @@ def one_step(rank, world_size, fsdp, port, out):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return spawn(one_step, 1, tmp_path_factory.mktemp("single") / "one.pt", False)
+    """The one-process step, by group size."""
+    folder = tmp_path_factory.mktemp("single")
+    return {n: spawn(one_step, 1, folder / f"{n}.pt", False, n) for n in (2, 4, 8)}
 
 
 def test_one_process_step(single):
-    check_clipping_per_part(single, ["backbone.", "head."])
-    check_update(single)
-    assert single["grads"]["backbone.mask_token"].abs().sum() > 0          # masking reached the mask token
+    check_clipping_per_part(single[2], ["backbone.", "head."])
+    check_update(single[2])
+    assert single[2]["grads"]["backbone.mask_token"].abs().sum() > 0       # masking reached the mask token
 
 
-@pytest.mark.parametrize("world_size, fsdp", SPLITS, ids=SPLIT_IDS)
-def test_one_vs_n_processes(single, world_size, fsdp, tmp_path):
-    n = spawn(one_step, world_size, tmp_path / "n.pt", fsdp)
-    torch.testing.assert_close(n["loss"], single["loss"], rtol=1e-5, atol=1e-6)
-    assert_grads_close(n["grads"], single["grads"], "gradient")
-    assert_grads_close(n["clipped"], single["clipped"], "clipped gradient")
+@pytest.mark.parametrize("world_size, fsdp, group_size", [*((w, f, 2) for w, f in SPLITS), (2, True, 8), (4, False, 4)],
+                         ids=SPLIT_IDS + ["2-fsdp2-spanning-8", "4-ddp-spanning-4"])
+def test_one_vs_n_processes(single, world_size, fsdp, group_size, tmp_path):
+    n = spawn(one_step, world_size, tmp_path / "n.pt", fsdp, group_size)
+    torch.testing.assert_close(n["loss"], single[group_size]["loss"], rtol=1e-5, atol=1e-6)
+    assert_grads_close(n["grads"], single[group_size]["grads"], "gradient")
+    assert_grads_close(n["clipped"], single[group_size]["clipped"], "clipped gradient")
     check_update(n)
 
 
