@@ -172,12 +172,15 @@ def get_args(argv=None):
                    student.pretrained_weights); the architecture flags must match the file's.""")
     p.add_argument("--seed", default=0, type=int, help="Seed of weights, augmentations and data order.")
     p.add_argument("--log_every", default=10, type=int, help="Iterations between log lines (each costs one GPU sync).")
-    p.add_argument("--fsdp", action="store_true", help="Shard student and teacher with FSDP2 (fully_shard) instead of DDP.")
+    p.add_argument("--fsdp", action="store_true",
+                   help="""Shard student and teacher with FSDP2 (fully_shard, each block a unit) instead of DDP: for
+                   models whose weights and optimiser state crowd a GPU; DDP moves fewer bytes (README).""")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block.")
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="Recompute the student's block activations in backward: far less memory, about 1/3 more compute.")
     p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
-                   help="bf16 autocast on CUDA (the loss and the coding rate stay float32/float64). Ignored on CPU.")
+                   help="""bf16 autocast on CUDA (the loss and the coding rate stay float32/float64); with --fsdp
+                   the parameters are gathered in bf16 too, gradients reduced in float32. Ignored on CPU.""")
     return p.parse_args(argv)
 
 
