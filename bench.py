@@ -40,7 +40,6 @@ rate just measured needs. ImageNet-sized JPEGs to run it on can be generated:
 """
 import argparse
 import collections
-import functools
 import importlib
 import json
 import math

@@ -761,9 +761,10 @@ def load_pretrained(path, student, teacher):
     """--pretrained_weights: both backbones <- the ViT of a checkpoint (a training checkpoint's teacher), any layout
     vit_from_checkpoint reads; position embeddings resized if only their grid differs. Heads stay as built."""
     ckpt = vit.read_checkpoint(path)
+    sd = vit.backbone_state_dict(ckpt)
     try:
         for net in (student, teacher):
-            vit.load_state_dict(net.backbone, vit.backbone_state_dict(ckpt))
+            vit.load_state_dict(net.backbone, sd)
     except vit.CheckpointError:
         fail(f"--pretrained_weights {path} holds a {vit.describe(vit.vit_from_checkpoint(ckpt))}; this run builds a "
              f"{vit.describe(student.backbone)}: pass the architecture flags that build the file's ViT")
