@@ -202,7 +202,8 @@ def _shift_hue(x, shift):
     hue = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
     hue = (hue / 6 + shift.view(-1, 1, 1)) % 1.0                           # (n, H, W) in turns
     # HSV -> RGB without branches: channel c = v - v s clamp(min(k, 4 - k), 0, 1), k = (c + 6 h) mod 6
-    k = (torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6  # c = 5, 3, 1
+    c = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)                  # c = 5, 3, 1: R, G, B
+    k = (c + 6 * hue.unsqueeze(1)) % 6
     return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
 
 

@@ -20,8 +20,12 @@ shows exactly that change; everything else is shared.
 with the settings of the SimDINO paper's Table 4): multi-crop views, EMA teacher, schedules,
 prototype layer frozen in the first epoch, DDP / FSDP2, bf16, checkpoints.
 
+Below, in this order: the model and the loss, the recipe, `train`, then the run machinery (the same in
+the four method files: skip it on a first read) and this method's flags.
+
     # a CPU-sized run on the embedded synthetic dataset: a few minutes on a laptop
-    python dino.py --arch vit_tiny --patch_size 8 --global_crops_size 32 --local_crops_size 16 --local_crops_number 4 --data synthetic:2000 --epochs 4 --warmup_epochs 1 --num_workers 2
+    python dino.py --arch vit_tiny --patch_size 8 --global_crops_size 32 --local_crops_size 16 \
+        --local_crops_number 4 --data synthetic:2000 --epochs 4 --warmup_epochs 1 --num_workers 2
     # the defaults are the ImageNet recipe (ViT-S/16, 224 px crops, 100 epochs): runs for GPUs
     torchrun --nproc_per_node=8 dino.py --data /path/to/imagenet --output_dir out/dino
 """
@@ -55,129 +59,7 @@ from data import DataError, MultiCropAugmentation, build_dataset, collate_multic
 
 CPU_FLAGS = ("--arch vit_tiny --patch_size 8 --global_crops_size 32 --local_crops_size 16 --local_crops_number 4 "
              "--data synthetic:2000 --epochs 4 --warmup_epochs 1 --num_workers 2")   # minutes on a laptop CPU
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help prints the docstring as written, and every flag's default."""
-
-
-def int_or_auto(value):
-    return value if value == "auto" else int(value)
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser("DINO", description=__doc__, formatter_class=HelpFormatter)
-    # Model
-    p.add_argument("--arch", default="vit_small", choices=list(vit.ARCHS),
-                   help="Backbone size. The paper trains vit_base and vit_large on ImageNet-1k; vit_tiny is for CPU smoke runs.")
-    p.add_argument("--patch_size", default=16, type=int,
-                   help="Patch size in pixels (Table 4: 16). Crop sizes must be multiples of it.")
-    p.add_argument("--drop_path_rate", default=0.1, type=float,
-                   help="Stochastic depth of the student, rising linearly over the blocks (Table 4, v1 family: 0.1).")
-    p.add_argument("--num_register_tokens", default=0, type=int,
-                   help="Register tokens (Darcet et al. 2024). The DINO recipe uses none; DINOv2's later recipes use 4.")
-    p.add_argument("--interpolate_offset", default=0.1, type=float,
-                   help="""How the position embeddings are resized for crops of another size (the 96 px local crops):
-                   bicubic with scale_factor (grid + offset) / stored grid, as DINO and SimDINO release it (0.1);
-                   0 resizes to the grid exactly (DINOv2's register models, SimDINOv2).""")
-    p.add_argument("--interpolate_antialias", default=False, action=argparse.BooleanOptionalAction,
-                   help="Anti-aliased bicubic resizing of the position embeddings (DINO and SimDINO: off).")
-    p.add_argument("--proj_hidden_dim", default=2048, type=int, help="Hidden width of the 3-layer projector MLP (released: 2048).")
-    p.add_argument("--proj_dim", default=256, type=int,
-                   help="Bottleneck dimension: the MLP's output, L2-normalised before the prototype layer (released: 256).")
-    p.add_argument("--out_dim", default=65536, type=int,
-                   help="Number K of prototypes, the size of the softmax (released and Table 4: 65536).")
-    p.add_argument("--norm_last_layer", default=True, action=argparse.BooleanOptionalAction,
-                   help="""Fix the norm of every prototype at 1 (weight norm with g = 1, not trained), so the scores
-                   are cosines (released default). --no-norm_last_layer trains g; DINO's authors do so for vit_small:
-                   'better performance but can make the training unstable'.""")
-    # Loss: centering and sharpening
-    p.add_argument("--student_temp", default=0.1, type=float, help="Student softmax temperature tau_s (released: 0.1).")
-    p.add_argument("--warmup_teacher_temp", default=0.04, type=float,
-                   help="Teacher softmax temperature tau_t in the first epoch (released: 0.04).")
-    p.add_argument("--teacher_temp", default=0.07, type=float,
-                   help="""Teacher temperature after the warm-up (DINO's ViT-S/16 recipe and Table 4: 0.07; main_dino.py's
-                   own default is 0.04, and it warns that values above 0.07 are unstable).""")
-    p.add_argument("--warmup_teacher_temp_epochs", default=30, type=int,
-                   help="""Epochs of linear teacher-temperature warm-up, one value per epoch (DINO's ViT-S/16 recipe and
-                   Table 4: 30; main_dino.py's own default is 0, with a help string that says 30).""")
-    p.add_argument("--center_momentum", default=0.9, type=float,
-                   help="Momentum m of the centre's EMA over the teacher's mean scores, updated every step (released: 0.9).")
-    p.add_argument("--freeze_last_layer", default=1, type=int,
-                   help="Epochs at the start in which the prototype layer is not updated; it stabilises DINO (released: 1).")
-    # Teacher and optimisation
-    p.add_argument("--momentum_teacher", default=0.996, type=float,
-                   help="""Teacher EMA momentum at the start; it follows a cosine schedule to --final_momentum_teacher
-                   (Table 4: 0.996).""")
-    p.add_argument("--final_momentum_teacher", default=1.0, type=float,
-                   help="""Teacher EMA momentum at the end of the cosine schedule (DINOv2's name; 1 in every released
-                   recipe). --momentum_teacher 0 --final_momentum_teacher 0: the teacher is the student after every
-                   step, training without self-distillation (the paper's Table 9).""")
-    p.add_argument("--lr", default=0.0005, type=float,
-                   help="""Peak learning rate per 256 images, scaled linearly with the global batch (released
-                   DINO script: 0.0005, i.e. 0.001 at 512; Table 4 prints 0.002).""")
-    p.add_argument("--min_lr", default=1e-6, type=float, help="Learning rate at the end of the cosine schedule.")
-    p.add_argument("--warmup_epochs", default=10, type=int, help="Epochs of linear learning-rate warm-up from 0 (Table 4: 10).")
-    p.add_argument("--weight_decay", default=0.04, type=float, help="AdamW weight decay at the start (Table 4: 0.04).")
-    p.add_argument("--weight_decay_end", default=0.4, type=float,
-                   help="Weight decay at the end; cosine schedule in between (Table 4: 0.4). Biases and norms get none.")
-    p.add_argument("--clip_grad", default=3.0, type=float,
-                   help="Clip each parameter's gradient to this norm, as DINO does (released: 3.0). 0 disables.")
-    p.add_argument("--batch_size_per_gpu", default=64, type=int,
-                   help="Images per process and step; the global batch is this times the number of processes (Table 4: 64 x 8).")
-    p.add_argument("--epochs", default=100, type=int, help="Training epochs (Table 4: 100).")
-    p.add_argument("--epoch_length", default="auto", type=int_or_auto,
-                   help="""Iterations per epoch, the unit of --epochs, --warmup_epochs and every other per-epoch
-                   setting, of the log's epoch and of the epoch checkpoints. 'auto': one pass over the data
-                   (images // global batch). DINOv2's released recipe fixes 1,250 iterations per "epoch" instead.""")
-    # Multi-crop
-    p.add_argument("--global_crops_scale", default=(0.4, 1.0), type=float, nargs=2,
-                   help="Area range of the 2 global crops, relative to the image (DINO: 0.4 1).")
-    p.add_argument("--local_crops_scale", default=(0.05, 0.4), type=float, nargs=2,
-                   help="Area range of the local crops (DINO: 0.05 0.4).")
-    p.add_argument("--local_crops_number", default=10, type=int,
-                   help="Local crops per image, seen by the student only (Table 4: 10; main_dino.py: 8).")
-    p.add_argument("--global_crops_size", default=224, type=int, help="Side of the global crops in pixels (224).")
-    p.add_argument("--local_crops_size", default=96, type=int, help="Side of the local crops in pixels (96).")
-    p.add_argument("--photometric", default="auto", choices=["auto", "device", "pil"],
-                   help="""Where colour jitter, grayscale, blur and solarisation run. 'device': batched in the training
-                   process after the copy (data.photometric_augment), the loader workers only decode, crop and flip:
-                   same distribution of views, about 2.5x the images/s per loader core (bench.py --loader). 'pil':
-                   DINO's exact PIL pipeline in the workers. 'auto': 'device' on CUDA, 'pil' on CPU (where the
-                   float operations would slow the step). Both send uint8 crops and normalise on the device.""")
-    # Data and run
-    p.add_argument("--data", default="synthetic",
-                   help="""ImageFolder-style folder (one sub-folder per class; a 'train' sub-folder is used if
-                   present), 'synthetic' for the embedded shapes dataset (no files needed; 'synthetic:N' for N images), or
-                   'cifar10:ROOT' for torchvision's CIFAR-10 files under ROOT (downloaded there on first use).""")
-    p.add_argument("--on_bad_image", default="skip", choices=["skip", "stop"],
-                   help="An unreadable or truncated image is skipped and counted, or stops the run.")
-    p.add_argument("--num_workers", default=8, type=int, help="Data-loading processes per GPU.")
-    p.add_argument("--output_dir", default="out/dino", help="Where checkpoints and log.jsonl are written.")
-    p.add_argument("--saveckp_freq", default=10, type=int,
-                   help="Also keep checkpoint<epoch>.pth every this many epochs (checkpoint.pth is rewritten every epoch).")
-    p.add_argument("--saveckp_every", default=500, type=int,
-                   help="""Also rewrite checkpoint.pth every this many iterations, inside epochs, so that a preempted
-                   or killed run loses at most that many; --resume continues from it exactly. 0: at epoch ends only.""")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="Continue a run: from <output_dir>/checkpoint.pth, or from the checkpoint given.")
-    p.add_argument("--pretrained_weights", default=None, metavar="PATH",
-                   help="""Start the student's and the teacher's backbones from the ViT in this file: the released
-                   DINO / DINOv2 / SimDINO / SimDINOv2 checkpoints, this project's (its teacher), a bare state dict.
-                   The heads start fresh. To continue pre-training on another domain (DINOv2's
-                   student.pretrained_weights); the architecture flags must match the file's.""")
-    p.add_argument("--seed", default=0, type=int, help="Seed of weights, augmentations and data order.")
-    p.add_argument("--log_every", default=10, type=int, help="Iterations between log lines (each costs one GPU sync).")
-    p.add_argument("--fsdp", action="store_true",
-                   help="""Shard student and teacher with FSDP2 (fully_shard, each block a unit) instead of DDP: for
-                   models whose weights and optimiser state crowd a GPU; DDP moves fewer bytes (README).""")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block.")
-    p.add_argument("--grad_checkpointing", action="store_true",
-                   help="Recompute the student's block activations in backward: far less memory, about 1/3 more compute.")
-    p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
-                   help="""bf16 autocast on CUDA (the prototype layer, the loss and the centre stay float32); with --fsdp
-                   the parameters are gathered in bf16 too, gradients reduced in float32. Ignored on CPU.""")
-    return p.parse_args(argv)
+NOT_FINITE_HINT = "a lower --lr or --teacher_temp"   # what to change when the loss is not finite
 
 
 # ----------------------------------------------------------------------------- model
@@ -195,7 +77,7 @@ class WeightNormLinear(nn.Module):
     def __init__(self, in_dim, out_dim, train_norm=False):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
-        bound = 1 / math.sqrt(in_dim)     # nn.Linear's default init, which DINO's prototype layer keeps (no trunc_normal)
+        bound = 1 / math.sqrt(in_dim)     # nn.Linear's default init, which DINO's prototypes keep (no trunc_normal)
         nn.init.uniform_(self.weight_v, -bound, bound)
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=train_norm)  # g = 1 at the start either way
 
@@ -248,8 +130,9 @@ def build_networks(args):
     """Student and teacher start identical; the teacher is never trained by gradients."""
     backbone = vit.build_vit(args.arch, patch_size=args.patch_size, drop_path_rate=args.drop_path_rate,
                              img_size=args.global_crops_size, num_register_tokens=args.num_register_tokens,
-                             interpolate_offset=args.interpolate_offset, interpolate_antialias=args.interpolate_antialias)
-    backbone.grad_checkpointing = args.grad_checkpointing  # the student recomputes in backward; the teacher (eval) never
+                             interpolate_offset=args.interpolate_offset,
+                             interpolate_antialias=args.interpolate_antialias)
+    backbone.grad_checkpointing = args.grad_checkpointing  # the student recomputes in backward; the teacher never
     backbone.mask_token.requires_grad_(False)  # DINO never masks; DDP wants every trained parameter used
     student = Network(backbone, DINOHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.out_dim,
                                          args.norm_last_layer))
@@ -271,7 +154,7 @@ def dino_loss(zsg, zsl, ztg, center, student_temp, teacher_temp):
     M_glo, B, K = zsg.shape
     with torch.autocast(zsg.device.type, enabled=False):                             # no bf16 einsum
         zs = torch.cat([zsg, zsl])                                                   # (M, B, K) all student views
-        ps = F.log_softmax(zs / student_temp, dim=-1)                                # (M, B, K) log student probabilities
+        ps = F.log_softmax(zs / student_temp, dim=-1)                                # (M, B, K) log student probs
         pt = F.softmax((ztg - center.to(ztg.dtype)) / teacher_temp, dim=-1).detach()  # (M_glo, B, K) centre, sharpen
         ce = -torch.einsum("ibk,jbk->ijb", ps, pt)                                   # (M, M_glo, B) H(pt_j, ps_i)
         pairs = torch.ones(len(zs), M_glo, 1, device=zs.device)                       # (M, M_glo, 1) pairs that count
@@ -354,6 +237,123 @@ def grad_norms(model):
     return grads, torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(0)
 
 
+@torch.no_grad()
+def update_teacher(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, every parameter in one fused call (under FSDP2 on
+    the local shards: the two networks are sharded alike)."""
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - momentum)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args):
+    rank, world_size, device, ckpt_path = start_run(args)          # checks every flag; nothing written yet
+    bf16 = device.type == "cuda" and args.bf16
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+
+    # ---- data: 2 global + local_crops_number local crops of every image
+    transform = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                      args.global_crops_size, args.local_crops_size, args.photometric)
+    dataset = build_dataset(args.data, transform, "train", args.on_bad_image)
+    global_batch, iters_per_epoch, total_iters = run_length(args, len(dataset), world_size)
+
+    # ---- student, teacher, optimiser, the centre
+    student, teacher = build_networks(args)
+    if args.pretrained_weights:
+        load_pretrained(args.pretrained_weights, student, teacher)    # backbones only: the heads start fresh
+    student, teacher = student.to(device), teacher.to(device)
+    model = distribute(student, teacher, args, world_size, bf16)
+    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, fused=device.type == "cuda")
+    center = torch.zeros(1, args.out_dim, device=device)                                # (1, K) EMA of teacher scores
+
+    # ---- per-iteration schedules, as in the released recipe
+    lr_schedule = cosine_schedule(args.lr * global_batch / 256, args.min_lr, args.epochs, iters_per_epoch,
+                                  args.warmup_epochs)                                   # linear scaling rule
+    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
+    momentum_schedule = cosine_schedule(args.momentum_teacher, args.final_momentum_teacher, args.epochs,
+                                        iters_per_epoch)
+    teacher_temps = teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
+                                          args.warmup_teacher_temp_epochs, args.epochs)   # per epoch, as released
+
+    start_it = resume_run(args, ckpt_path, total_iters, student, teacher, optimizer, center=center)   # 0: new run
+    loader = run_loader(dataset, collate_multicrop, args, rank, world_size, start_it, total_iters, device)
+    if rank == 0:
+        print(f"DINO {args.arch}/{args.patch_size}: {len(dataset)} images, {world_size} process(es), global batch "
+              f"{global_batch}, {args.out_dim} prototypes, "
+              f"{args.epochs} epochs of {iters_per_epoch} iterations, from iteration {start_it}", flush=True)
+    progress = Progress(args, rank, world_size, device, start_it, iters_per_epoch, ckpt_path, dataset)
+
+    # ---- the DINO step, one iteration per batch
+    for epoch, it, batch in progress.steps(loader):
+        for g in optimizer.param_groups:
+            g["lr"], g["weight_decay"] = lr_schedule[it] * g["lr_mult"], wd_schedule[it] * g["wd_mult"]
+        xg = batch["xg"].to(device, non_blocking=True)                  # (M_glo, B, 3, G, G) global views
+        xl = batch["xl"].to(device, non_blocking=True)                  # (M_loc, B, 3, L, L) local views
+        xg, xl = transform.on_device(xg, xl)                            # uint8 -> float views, --photometric
+        with autocast:
+            zsg, zsl = model(xg, xl)                                    # (M_glo, B, K), (M_loc, B, K) student scores
+            with torch.no_grad():
+                ztg = teacher(xg)                                       # (M_glo, B, K) teacher, global views only
+            loss, pt = dino_loss(zsg, zsl, ztg, center, args.student_temp, teacher_temps[epoch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_grad:
+            clip_gradients(student, args.clip_grad)
+        if epoch < args.freeze_last_layer:                              # prototypes fixed in the first epoch(s)
+            cancel_last_layer_gradients(student)
+        optimizer.step()
+        update_teacher(teacher, student, momentum_schedule[it])         # teacher <- EMA of the student
+        update_center(center, ztg, args.center_momentum)                # centre <- EMA of the global mean score
+
+        H = teacher_entropy(pt)                                         # loss - H: the KL that teaches
+        progress.log(it, {"loss": loss, "teacher_entropy": H, "kl": loss.detach() - H},
+                     lr=lr_schedule[it], wd=wd_schedule[it], momentum=momentum_schedule[it],
+                     teacher_temp=teacher_temps[epoch])
+        save_training_state(ckpt_path, args, it, iters_per_epoch, student, teacher, optimizer,
+                            center=center)                              # when due
+    progress.finish()
+
+
+# ======================================================================================================================
+# The run machinery. From here to get_args everything is the same, to the character, in the four method files
+# (tests/test_shared_source.py keeps it so), and can be skipped on a first read. It is what makes a run launchable
+# with torchrun (DDP or FSDP2), stoppable at any moment, resumable exactly (batches, views and drop path depend on
+# the iteration alone), and trustworthy: atomic checkpoints, a log that reads as one run, one-line errors.
+# ======================================================================================================================
+
+def start_run(args):
+    """The process group, the argument checks and the refusal to overwrite a run, before anything is written:
+    (rank, world size, device, path of the run's checkpoint.pth)."""
+    rank, world_size, device = init_distributed()
+    check_args(args)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    RUN.update(rank=rank, path=ckpt_path)
+    if args.resume is None and os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output_dir")
+    seed_all(args.seed)
+    return rank, world_size, device, ckpt_path
+
+
+def run_length(args, num_images, world_size):
+    """(global batch, iterations per epoch, iterations of the run); each pass over the data drops its last partial
+    batch."""
+    iters_per_pass = num_images // world_size // args.batch_size_per_gpu
+    global_batch = args.batch_size_per_gpu * world_size
+    if iters_per_pass == 0:
+        fail(f"{num_images} images are fewer than one global batch of {global_batch}: lower --batch_size_per_gpu")
+    iters_per_epoch = iters_per_pass if args.epoch_length == "auto" else args.epoch_length
+    return global_batch, iters_per_epoch, args.epochs * iters_per_epoch
+
+
+def run_loader(dataset, collate, args, rank, world_size, start_it, total_iters, device):
+    """The batches of iterations start_it..total_iters-1: each the same whatever the workers or the resume point."""
+    sampler = RunSampler(len(dataset), args.batch_size_per_gpu, rank, world_size, args.seed, start_it, total_iters)
+    return torch.utils.data.DataLoader(SeededViews(dataset, args.seed), batch_sampler=sampler,
+                                       collate_fn=functools.partial(seeded_collate, collate=collate, seed=args.seed),
+                                       num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                       worker_init_fn=worker_init)
+
+
 def init_distributed():
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process."""
     if "RANK" not in os.environ:
@@ -401,15 +401,6 @@ def seed_all(seed):
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
-
-def save_checkpoint(obj, path):
-    """Write to a temporary file, then rename: a crash while saving never destroys the previous file."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- runs that can be stopped, resumed and trusted
 
 def stream_seed(*key):
     """A 64-bit seed from a few integers; SeedSequence mixes them, so neighbouring keys give unrelated streams."""
@@ -511,6 +502,70 @@ def stop_on_signals():
     threading.Thread(target=stop, daemon=True).start()
 
 
+class Progress:
+    """The step loop's bookkeeping, one call per iteration: the progress bar of each epoch, a log.jsonl record every
+    --log_every iterations, the stop on a non-finite loss, and a note when the defaults would keep a CPU busy for
+    hours. The step's terms stay on the device and are read at log records only: a step costs no host sync."""
+
+    def __init__(self, args, rank, world_size, device, start_it, iters_per_epoch, ckpt_path, dataset):
+        self.args, self.rank, self.world_size, self.device = args, rank, world_size, device
+        self.start_it, self.iters_per_epoch = start_it, iters_per_epoch
+        self.ckpt_path, self.dataset = ckpt_path, dataset
+        if rank == 0 and args.warmup_epochs >= args.epochs:
+            print(f"note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning rate rises "
+                  f"for the whole run, never reaching its peak nor decaying; lower --warmup_epochs", flush=True)
+        self.file = open_log(args.output_dir, start_it) if rank == 0 else None
+
+    def steps(self, loader):
+        """(epoch, iteration, batch) for each iteration left; torch's RNG reseeded by the iteration (drop path)."""
+        batches, n = iter(loader), self.iters_per_epoch        # one stream of batches for the whole run (RunSampler)
+        for epoch in range(self.start_it // n, self.args.epochs):
+            first = max(self.start_it - epoch * n, 0)              # a resumed run may start mid-epoch
+            self.bad = torch.zeros((), device=self.device)         # non-finite losses this epoch, read at log records
+            self.t0, self.done = time.time(), 0
+            self.bar = tqdm(itertools.islice(batches, n - first), desc=f"epoch {epoch}", total=n, initial=first,
+                            disable=self.rank != 0, dynamic_ncols=True)
+            for i, batch in enumerate(self.bar, first):
+                it = epoch * n + i
+                seed_all(self.args.seed + 1 + it * self.world_size + self.rank)   # the same draws on resume
+                RUN["iteration"] = it
+                yield epoch, it, batch
+
+    def log(self, it, terms, **values):
+        """terms: the step's loss first, then its parts (tensors, averaged over the processes); values: floats."""
+        self.bad += ~torch.isfinite(next(iter(terms.values())))
+        self.done += 1
+        if it == self.start_it:
+            self.t_first = time.time()                             # the first step warms up: time the second
+        elif it == self.start_it + 1 and self.rank == 0 and self.device.type == "cpu":
+            note_cpu_hours(time.time() - self.t_first, self.args.epochs * self.iters_per_epoch - it - 1)
+        epoch, i = divmod(it, self.iters_per_epoch)
+        if (i + 1) % self.args.log_every and i + 1 < self.iters_per_epoch:
+            return
+        stats = torch.stack([*(t.detach().float() for t in terms.values()), self.bad.float()])
+        if self.world_size > 1:
+            dist.all_reduce(stats)
+            stats[:-1] /= self.world_size
+        *means, bad = stats.tolist()
+        if bad > 0:
+            fail(f"loss is not finite at iteration {it} (epoch {epoch}): stopping. The last good checkpoint is "
+                 f"{self.ckpt_path}; resume it with --resume and {NOT_FINITE_HINT}")
+        images_per_s = self.done * self.args.batch_size_per_gpu * self.world_size / (time.time() - self.t0)
+        record = {"iteration": it, "epoch": epoch, "time": time.time(), **dict(zip(terms, means)), **values,
+                  "images_per_s": images_per_s, "skipped_images": getattr(self.dataset, "num_skipped", 0)}
+        if self.rank == 0:
+            self.bar.set_postfix({**{k: f"{record[k]:.4g}" for k in (*terms, "lr")}, "img_s": f"{images_per_s:.0f}"})
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def finish(self):
+        if self.rank == 0:
+            self.file.close()
+            print(f"done: teacher weights in {self.ckpt_path} (load with vit.vit_from_checkpoint)")
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+
 def open_log(output_dir, start_it):
     """log.jsonl, open for appending, with only its records of iterations before start_it: a killed run may
     have logged iterations past its last checkpoint, which the resumed run does again, so its log reads as one run."""
@@ -540,18 +595,45 @@ def note_cpu_hours(seconds_per_it, iterations_left):
               f"python {os.path.basename(__file__)} {CPU_FLAGS}", flush=True)
 
 
-def load_optimizer_state(model, optimizer, state):
-    """set_optimizer_state_dict for a checkpoint in which some parameters have no optimiser state yet.
+def save_training_state(path, args, it, iters_per_epoch, student, teacher, optimizer, **state):
+    """After iteration `it`, if it ends an epoch or a --saveckp_every interval: checkpoint.pth, and at every
+    --saveckp_freq-th epoch end checkpoint<epoch>.pth too. state: the method's own tensors (DINO's centre).
+    Every process takes part (the full state dicts are gathered); rank 0 writes."""
+    epoch_end = (it + 1) % iters_per_epoch == 0
+    if not (epoch_end or (args.saveckp_every and (it + 1) % args.saveckp_every == 0)):
+        return
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    ckpt = {"student": get_model_state_dict(student, options=full),
+            "teacher": get_model_state_dict(teacher, options=full),
+            "optimizer": get_optimizer_state_dict(student, optimizer, options=full),
+            **{name: t.cpu() for name, t in state.items()},
+            "epoch": (it + 1) // iters_per_epoch, "iteration": it + 1, "args": vars(args)}
+    if RUN["rank"] == 0:
+        save_checkpoint(ckpt, path)
+        RUN["checkpoint"] = it + 1
+        if epoch_end and args.saveckp_freq and ckpt["epoch"] % args.saveckp_freq == 0:
+            save_checkpoint(ckpt, os.path.join(args.output_dir, f"checkpoint{ckpt['epoch']:04d}.pth"))
 
-    DINO's last layer has none until its first step (it is frozen in epoch 0). The strict load
-    rejects that; strict=False keeps, for such a parameter, the zero state of the dummy step that
-    set_optimizer_state_dict takes to initialise an empty optimiser, so its first real AdamW step
-    would count as step 2 and the resumed run would drift. Drop that state: step 1 comes next.
-    """
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    for name, p in model.named_parameters():
-        if p.requires_grad and name not in state["state"]:
-            optimizer.state.pop(p, None)
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, then rename: a crash while saving never destroys the previous file."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def resume_run(args, ckpt_path, total_iters, student, teacher, optimizer, **state):
+    """--resume: the networks, the optimiser and the method's own tensors (state, restored in place) from a
+    checkpoint of this script; the iteration to start at (0 for a new run)."""
+    if not args.resume:
+        return 0
+    ckpt = load_training_state(ckpt_path if args.resume == "auto" else args.resume, student, teacher, optimizer)
+    for name, tensor in state.items():
+        tensor.copy_(ckpt[name])
+    if ckpt["iteration"] >= total_iters:
+        fail(f"--resume: the checkpoint is at iteration {ckpt['iteration']}, the end of a run of {args.epochs} epochs "
+             f"of {total_iters // args.epochs} iterations: nothing to train (raise --epochs to train on)")
+    return ckpt["iteration"]
 
 
 def load_training_state(path, student, teacher, optimizer):
@@ -577,6 +659,20 @@ def load_training_state(path, student, teacher, optimizer):
     return ckpt
 
 
+def load_optimizer_state(model, optimizer, state):
+    """set_optimizer_state_dict for a checkpoint in which some parameters have no optimiser state yet.
+
+    DINO's last layer has none until its first step (it is frozen in epoch 0). The strict load
+    rejects that; strict=False keeps, for such a parameter, the zero state of the dummy step that
+    set_optimizer_state_dict takes to initialise an empty optimiser, so its first real AdamW step
+    would count as step 2 and the resumed run would drift. Drop that state: step 1 comes next.
+    """
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    for name, p in model.named_parameters():
+        if p.requires_grad and name not in state["state"]:
+            optimizer.state.pop(p, None)
+
+
 def load_pretrained(path, student, teacher):
     """--pretrained_weights: both backbones <- the ViT of a checkpoint (a training checkpoint's teacher), any layout
     vit_from_checkpoint reads; position embeddings resized if only their grid differs. Heads stay as built."""
@@ -595,34 +691,74 @@ def fail(msg):
     sys.exit(f"error: {msg}")
 
 
-def in_interval(value, interval):
-    """Whether value lies in an interval written as the error message writes it: '[1, inf)', '(0, 1]'."""
-    lo, hi = (float(x) for x in interval[1:-1].split(","))
-    return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help prints the docstring as written, and every flag's default and valid range."""
+
+    def _get_help_string(self, action):
+        text = super()._get_help_string(action)
+        return text + f" (valid: {action.type.interval})" if isinstance(action.type, Ranged) else text
 
 
-def check_args(args):
-    """Every flag is checked here, once, before anything is built or written: a bad value stops the run with
-    one line that names the flag, the value and the valid range."""
-    ranges = {"patch_size": "[1, inf)", "drop_path_rate": "[0, 1)", "num_register_tokens": "[0, inf)",
-              "proj_hidden_dim": "[1, inf)", "proj_dim": "[1, inf)", "momentum_teacher": "[0, 1]",
-              "final_momentum_teacher": "[0, 1]", "lr": "[0, inf)",
-              "min_lr": "[0, inf)", "warmup_epochs": "[0, inf)", "weight_decay": "[0, inf)",
-              "weight_decay_end": "[0, inf)", "clip_grad": "[0, inf)", "batch_size_per_gpu": "[1, inf)",
-              "epochs": "[1, inf)", "epoch_length": "[1, inf)", "global_crops_scale": "(0, 1]",
-              "local_crops_scale": "(0, 1]", "local_crops_number": "[0, inf)", "global_crops_size": "[1, inf)",
-              "local_crops_size": "[1, inf)", "num_workers": "[0, inf)", "saveckp_freq": "[0, inf)",
-              "saveckp_every": "[0, inf)", "seed": "[0, inf)", "log_every": "[1, inf)",
-              "interpolate_offset": "[0, 1)",
-              # this method's own
-              "out_dim": "[1, inf)", "student_temp": "(0, inf)", "warmup_teacher_temp": "(0, inf)",
-              "teacher_temp": "(0, inf)", "warmup_teacher_temp_epochs": "[0, inf)", "center_momentum": "[0, 1]",
-              "freeze_last_layer": "[0, inf)"}
-    for name, interval in ranges.items():
-        value = getattr(args, name)
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        if any(v != "auto" and not in_interval(v, interval) for v in values):
-            fail(f"--{name} {' '.join(map(str, values))} is out of range: valid values lie in {interval}")
+class Ranged:
+    """An argparse type that converts a value (int, float, int_or_auto) and declares the flag's valid values: an
+    interval written as the error message writes it, '[0, 1)', '(0, inf)'. check_shared_args checks each."""
+
+    def __init__(self, convert, interval):
+        self.convert, self.interval, self.__name__ = convert, interval, convert.__name__
+
+    def __call__(self, text):
+        return self.convert(text)
+
+
+def int_or_auto(value):
+    return value if value == "auto" else int(value)
+
+
+def add_run_flags(p):
+    """The flags of the run itself, the same for the four methods: data, output, resume, launch, precision."""
+    p.add_argument("--data", default="synthetic",
+                   help="""ImageFolder-style folder (one sub-folder per class; a 'train' sub-folder is used if
+                   present), 'synthetic' for the embedded shapes dataset ('synthetic:N' for N images), or
+                   'cifar10:ROOT' for torchvision's CIFAR-10 files under ROOT (downloaded there on first use).""")
+    p.add_argument("--on_bad_image", default="skip", choices=["skip", "stop"],
+                   help="An unreadable or truncated image is skipped and counted, or stops the run.")
+    p.add_argument("--num_workers", default=8, type=Ranged(int, "[0, inf)"), help="Data-loading processes per GPU.")
+    p.add_argument("--output_dir", default=f"out/{p.prog.lower()}", help="Where checkpoints and log.jsonl go.")
+    p.add_argument("--saveckp_freq", default=10, type=Ranged(int, "[0, inf)"),
+                   help="Also keep checkpoint<epoch>.pth every this many epochs (checkpoint.pth: every epoch).")
+    p.add_argument("--saveckp_every", default=500, type=Ranged(int, "[0, inf)"),
+                   help="""Also rewrite checkpoint.pth every this many iterations, so that a killed run loses at most
+                   that many; --resume continues from it exactly. 0: at epoch ends only.""")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="Continue a run: from <output_dir>/checkpoint.pth, or from the checkpoint given.")
+    p.add_argument("--pretrained_weights", default=None, metavar="PATH",
+                   help="""Start both backbones from the ViT in this file (a released DINO / DINOv2 / SimDINO /
+                   SimDINOv2 checkpoint, this project's teacher, a bare state dict); the heads start fresh. The
+                   architecture flags must build the file's ViT.""")
+    p.add_argument("--seed", default=0, type=Ranged(int, "[0, inf)"),
+                   help="Seed of weights, augmentations and data order.")
+    p.add_argument("--log_every", default=10, type=Ranged(int, "[1, inf)"),
+                   help="Iterations between log records (each costs one GPU sync).")
+    p.add_argument("--fsdp", action="store_true",
+                   help="Shard student and teacher with FSDP2 instead of DDP, for models that crowd a GPU (README).")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block.")
+    p.add_argument("--grad_checkpointing", action="store_true",
+                   help="Recompute the student's block activations in backward: far less memory, 1/3 more compute.")
+    p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
+                   help="""bf16 autocast on CUDA, the losses in float32 or better; with --fsdp the parameters are
+                   gathered in bf16 too, gradients reduced in float32. Ignored on CPU.""")
+
+
+def check_shared_args(args):
+    """Every flag declared with a Ranged type against its interval, and the crop flags against each other: one line
+    that names the flag, the value and what is valid."""
+    for action in build_parser()._actions:
+        if isinstance(action.type, Ranged):
+            value = getattr(args, action.dest)
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if any(v != "auto" and not in_interval(v, action.type.interval) for v in values):
+                fail(f"--{action.dest} {' '.join(map(str, values))} is out of range: valid values lie in "
+                     f"{action.type.interval}")
     for name in ("global_crops_scale", "local_crops_scale"):
         if getattr(args, name)[0] > getattr(args, name)[1]:
             fail(f"--{name} {getattr(args, name)[0]} {getattr(args, name)[1]} must be given as min max")
@@ -632,150 +768,108 @@ def check_args(args):
                  f"use a multiple of {args.patch_size}")
 
 
-def train(args):
-    rank, world_size, device = init_distributed()
-    check_args(args)                                                  # nothing is written before the run trains
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    RUN.update(rank=rank, path=ckpt_path)
-    if args.resume is None and os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output_dir")
-    seed_all(args.seed)
-    use_cuda = device.type == "cuda"
-    bf16 = use_cuda and args.bf16
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+def in_interval(value, interval):
+    """Whether value lies in an interval written as the error message writes it: '[1, inf)', '(0, 1]'."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
 
-    # ---- data: 2 global + local_crops_number local crops of every image
-    transform = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                      args.global_crops_size, args.local_crops_size, args.photometric)
-    dataset = build_dataset(args.data, transform, "train", args.on_bad_image)
-    collate = collate_multicrop
-    iters_per_pass = len(dataset) // world_size // args.batch_size_per_gpu       # the last partial batch dropped
-    global_batch = args.batch_size_per_gpu * world_size
-    if iters_per_pass == 0:
-        fail(f"{len(dataset)} images are fewer than one global batch of {global_batch}: lower --batch_size_per_gpu")
-    iters_per_epoch = iters_per_pass if args.epoch_length == "auto" else args.epoch_length
-    total_iters = args.epochs * iters_per_epoch
 
-    # ---- student, teacher, optimiser
-    student, teacher = build_networks(args)
-    if args.pretrained_weights:
-        load_pretrained(args.pretrained_weights, student, teacher)    # backbones only: the heads start fresh
-    student, teacher = student.to(device), teacher.to(device)
-    model = distribute(student, teacher, args, world_size, bf16)
-    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, fused=use_cuda)
-    center = torch.zeros(1, args.out_dim, device=device)                                # (1, K) EMA of teacher scores
+# ----------------------------------------------------------------------------- this method's flags
 
-    # ---- per-iteration schedules, as in the released recipe
-    lr_schedule = cosine_schedule(args.lr * global_batch / 256, args.min_lr, args.epochs, iters_per_epoch,
-                                  args.warmup_epochs)                                   # linear scaling rule
-    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
-    momentum_schedule = cosine_schedule(args.momentum_teacher, args.final_momentum_teacher, args.epochs,
-                                        iters_per_epoch)
-    teacher_temps = teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs,
-                                          args.epochs)                                  # per epoch, as released
+def build_parser():
+    p = argparse.ArgumentParser("DINO", description=__doc__, formatter_class=HelpFormatter)
+    # Model
+    p.add_argument("--arch", default="vit_small", choices=list(vit.ARCHS),
+                   help="Backbone. The paper trains vit_base and vit_large on ImageNet-1k; vit_tiny is for CPU runs.")
+    p.add_argument("--patch_size", default=16, type=Ranged(int, "[1, inf)"),
+                   help="Patch size in pixels (Table 4: 16). Crop sizes must be multiples of it.")
+    p.add_argument("--drop_path_rate", default=0.1, type=Ranged(float, "[0, 1)"),
+                   help="Stochastic depth of the student, rising linearly over the blocks (Table 4, v1 family: 0.1).")
+    p.add_argument("--num_register_tokens", default=0, type=Ranged(int, "[0, inf)"),
+                   help="Register tokens (Darcet et al. 2024). The DINO recipe uses none; DINOv2's later ones use 4.")
+    p.add_argument("--interpolate_offset", default=0.1, type=Ranged(float, "[0, 1)"),
+                   help="""How position embeddings are resized for crops of another size: bicubic with scale_factor
+                   (grid + offset) / stored grid, as DINO and SimDINO release it (0.1); 0 resizes to the grid
+                   exactly (DINOv2's register models, SimDINOv2).""")
+    p.add_argument("--interpolate_antialias", default=False, action=argparse.BooleanOptionalAction,
+                   help="Anti-aliased bicubic resizing of the position embeddings (DINO and SimDINO: off).")
+    p.add_argument("--proj_hidden_dim", default=2048, type=Ranged(int, "[1, inf)"),
+                   help="Hidden width of the 3-layer projector MLP (released: 2048).")
+    p.add_argument("--proj_dim", default=256, type=Ranged(int, "[1, inf)"),
+                   help="Bottleneck dimension: the MLP's output, L2-normalised before the prototypes (released: 256).")
+    p.add_argument("--out_dim", default=65536, type=Ranged(int, "[1, inf)"),
+                   help="Number K of prototypes, the size of the softmax (released and Table 4: 65536).")
+    p.add_argument("--norm_last_layer", default=True, action=argparse.BooleanOptionalAction,
+                   help="""Fix every prototype's norm at 1 (weight norm with g = 1, not trained): the scores are
+                   cosines (released default). --no-norm_last_layer trains g; DINO's authors do so for vit_small,
+                   'better performance but can make the training unstable'.""")
+    # Loss: centering and sharpening
+    p.add_argument("--student_temp", default=0.1, type=Ranged(float, "(0, inf)"),
+                   help="Student softmax temperature tau_s (released: 0.1).")
+    p.add_argument("--warmup_teacher_temp", default=0.04, type=Ranged(float, "(0, inf)"),
+                   help="Teacher softmax temperature tau_t in the first epoch (released: 0.04).")
+    p.add_argument("--teacher_temp", default=0.07, type=Ranged(float, "(0, inf)"),
+                   help="""Teacher temperature after the warm-up (DINO's ViT-S/16 recipe and Table 4: 0.07;
+                   main_dino.py's own default is 0.04, and it warns that values above 0.07 are unstable).""")
+    p.add_argument("--warmup_teacher_temp_epochs", default=30, type=Ranged(int, "[0, inf)"),
+                   help="""Epochs of linear teacher-temperature warm-up, one value per epoch (DINO's ViT-S/16 recipe
+                   and Table 4: 30; main_dino.py's own default is 0, with a help string that says 30).""")
+    p.add_argument("--center_momentum", default=0.9, type=Ranged(float, "[0, 1]"),
+                   help="Momentum m of the centre's EMA over the teacher's mean scores, every step (released: 0.9).")
+    p.add_argument("--freeze_last_layer", default=1, type=Ranged(int, "[0, inf)"),
+                   help="Epochs at the start in which the prototypes stay fixed; it stabilises DINO (released: 1).")
+    # Teacher and optimisation
+    p.add_argument("--momentum_teacher", default=0.996, type=Ranged(float, "[0, 1]"),
+                   help="Teacher EMA momentum at the start, cosine to --final_momentum_teacher (Table 4: 0.996).")
+    p.add_argument("--final_momentum_teacher", default=1.0, type=Ranged(float, "[0, 1]"),
+                   help="""Teacher EMA momentum at the end (1 in every released recipe). 0 and 0: the teacher is the
+                   student after every step, no self-distillation (the paper's Table 9).""")
+    p.add_argument("--lr", default=0.0005, type=Ranged(float, "[0, inf)"),
+                   help="""Peak learning rate per 256 images, scaled linearly with the global batch (released
+                   DINO script: 0.0005, i.e. 0.001 at 512; Table 4 prints 0.002).""")
+    p.add_argument("--min_lr", default=1e-6, type=Ranged(float, "[0, inf)"),
+                   help="Learning rate at the end of the cosine schedule.")
+    p.add_argument("--warmup_epochs", default=10, type=Ranged(int, "[0, inf)"),
+                   help="Epochs of linear learning-rate warm-up from 0 (Table 4: 10).")
+    p.add_argument("--weight_decay", default=0.04, type=Ranged(float, "[0, inf)"),
+                   help="AdamW weight decay at the start (Table 4: 0.04).")
+    p.add_argument("--weight_decay_end", default=0.4, type=Ranged(float, "[0, inf)"),
+                   help="Weight decay at the end, cosine in between (Table 4: 0.4). Biases and norms get none.")
+    p.add_argument("--clip_grad", default=3.0, type=Ranged(float, "[0, inf)"),
+                   help="Clip each parameter's gradient to this norm, as DINO does (released: 3.0). 0 disables.")
+    p.add_argument("--batch_size_per_gpu", default=64, type=Ranged(int, "[1, inf)"),
+                   help="Images per process and step; the global batch is this times the processes (Table 4: 64 x 8).")
+    p.add_argument("--epochs", default=100, type=Ranged(int, "[1, inf)"), help="Training epochs (Table 4: 100).")
+    p.add_argument("--epoch_length", default="auto", type=Ranged(int_or_auto, "[1, inf)"),
+                   help="""Iterations per epoch, the unit of --epochs and every per-epoch setting. 'auto': one pass
+                   over the data (images // global batch). DINOv2's released recipe fixes 1,250 instead.""")
+    # Multi-crop
+    p.add_argument("--global_crops_scale", default=(0.4, 1.0), type=Ranged(float, "(0, 1]"), nargs=2,
+                   help="Area range of the 2 global crops, relative to the image (DINO: 0.4 1).")
+    p.add_argument("--local_crops_scale", default=(0.05, 0.4), type=Ranged(float, "(0, 1]"), nargs=2,
+                   help="Area range of the local crops (DINO: 0.05 0.4).")
+    p.add_argument("--local_crops_number", default=10, type=Ranged(int, "[0, inf)"),
+                   help="Local crops per image, seen by the student only (Table 4: 10; main_dino.py: 8).")
+    p.add_argument("--global_crops_size", default=224, type=Ranged(int, "[1, inf)"),
+                   help="Side of the global crops in pixels (224).")
+    p.add_argument("--local_crops_size", default=96, type=Ranged(int, "[1, inf)"),
+                   help="Side of the local crops in pixels (96).")
+    p.add_argument("--photometric", default="auto", choices=["auto", "device", "pil"],
+                   help="""Where colour jitter, grayscale, blur and solarisation run: 'device', batched after the
+                   copy (the same distribution of views, 2.5x the images/s per loader core); 'pil', DINO's PIL
+                   pipeline in the workers; 'auto': 'device' on CUDA, 'pil' on CPU (README).""")
+    add_run_flags(p)
+    return p
 
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    start_it = 0
-    if args.resume:
-        ckpt = load_training_state(ckpt_path if args.resume == "auto" else args.resume, student, teacher,
-                                   optimizer)
-        center.copy_(ckpt["center"])
-        start_it = ckpt["iteration"]
-        del ckpt
-    if start_it >= total_iters:
-        fail(f"--resume: the checkpoint is at iteration {start_it}, the end of a run of {args.epochs} epochs of "
-             f"{iters_per_epoch} iterations: nothing to train (raise --epochs to train on)")
-    loader = torch.utils.data.DataLoader(
-        SeededViews(dataset, args.seed), num_workers=args.num_workers, pin_memory=use_cuda, worker_init_fn=worker_init,
-        batch_sampler=RunSampler(len(dataset), args.batch_size_per_gpu, rank, world_size, args.seed, start_it, total_iters),
-        collate_fn=functools.partial(seeded_collate, collate=collate, seed=args.seed))
-    if rank == 0:
-        print(f"DINO {args.arch}/{args.patch_size}: {len(dataset)} images, {world_size} process(es), global batch "
-              f"{global_batch}, {args.out_dim} prototypes, "
-              f"{args.epochs} epochs of {iters_per_epoch} iterations, from iteration {start_it}", flush=True)
-        if args.warmup_epochs >= args.epochs:
-            print(f"note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning rate rises "
-                  f"for the whole run, never reaching its peak nor decaying; lower --warmup_epochs", flush=True)
-    log = open_log(args.output_dir, start_it) if rank == 0 else None
 
-    batches = iter(loader)                                  # one stream of batches for the whole run (RunSampler)
-    for epoch in range(start_it // iters_per_epoch, args.epochs):
-        first = max(start_it - epoch * iters_per_epoch, 0)      # a resumed run may start mid-epoch
-        bad = torch.zeros((), device=device)                    # non-finite losses so far, checked without a sync per step
-        t0, done = time.time(), 0
-        teacher_temp = teacher_temps[epoch]
-        bar = tqdm(itertools.islice(batches, iters_per_epoch - first), desc=f"epoch {epoch}", total=iters_per_epoch,
-                   initial=first, disable=rank != 0, dynamic_ncols=True)
-        for i, batch in enumerate(bar, first):
-            it = epoch * iters_per_epoch + i
-            seed_all(args.seed + 1 + it * world_size + rank)   # drop path: a function of the iteration, as on resume
-            RUN["iteration"] = it
-            for g in optimizer.param_groups:
-                g["lr"], g["weight_decay"] = lr_schedule[it] * g["lr_mult"], wd_schedule[it] * g["wd_mult"]
+def get_args(argv=None):
+    return build_parser().parse_args(argv)
 
-            xg = batch["xg"].to(device, non_blocking=True)                  # (M_glo, B, 3, G, G) global views
-            xl = batch["xl"].to(device, non_blocking=True)                  # (M_loc, B, 3, L, L) local views
-            xg, xl = transform.on_device(xg, xl)                            # uint8 -> float views: --photometric, normalised
-            with autocast:
-                zsg, zsl = model(xg, xl)                                    # (M_glo, B, K), (M_loc, B, K) student scores
-                with torch.no_grad():
-                    ztg = teacher(xg)                                       # (M_glo, B, K) teacher, global views only
-                loss, pt = dino_loss(zsg, zsl, ztg, center, args.student_temp, teacher_temp)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad:
-                clip_gradients(student, args.clip_grad)
-            if epoch < args.freeze_last_layer:                              # prototypes fixed in the first epoch(s)
-                cancel_last_layer_gradients(student)
-            optimizer.step()
-            with torch.no_grad():                                           # teacher <- EMA of the student
-                momentum = momentum_schedule[it]
-                torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - momentum)
-            update_center(center, ztg, args.center_momentum)                # centre <- EMA of the global mean score
-            bad += ~torch.isfinite(loss)
-            done += 1
-            if it == start_it:
-                t_first = time.time()                                       # the first step warms up: time the second
-            elif it == start_it + 1 and rank == 0 and device.type == "cpu":
-                note_cpu_hours(time.time() - t_first, total_iters - it - 1)
 
-            if (i + 1) % args.log_every == 0 or i + 1 == iters_per_epoch:
-                stats = torch.stack([loss.detach().float(), teacher_entropy(pt), bad.float()])
-                if world_size > 1:
-                    dist.all_reduce(stats)
-                    stats[:2] /= world_size
-                loss_v, H_v, bad_v = stats.tolist()
-                if bad_v > 0:
-                    fail(f"loss is not finite at iteration {it} (epoch {epoch}): stopping. The last good checkpoint "
-                         f"is {ckpt_path}; resume it with --resume and a lower --lr or --teacher_temp")
-                ips = done * global_batch / (time.time() - t0)
-                record = {"iteration": it, "epoch": epoch, "time": time.time(), "loss": loss_v, "teacher_entropy": H_v, "kl": loss_v - H_v,
-                          "lr": lr_schedule[it], "wd": wd_schedule[it], "momentum": momentum, "teacher_temp": teacher_temp,
-                          "images_per_s": ips, "skipped_images": getattr(dataset, "num_skipped", 0)}
-                if rank == 0:
-                    bar.set_postfix(loss=f"{loss_v:.4f}", H_t=f"{H_v:.2f}", kl=f"{loss_v - H_v:.4f}",
-                                    lr=f"{lr_schedule[it]:.2e}", img_s=f"{ips:.0f}")
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-
-            # ---- checkpoint at epoch ends and every --saveckp_every iterations (every process takes part in
-            # gathering the full state dicts)
-            if i + 1 == iters_per_epoch or (args.saveckp_every and (it + 1) % args.saveckp_every == 0):
-                state = {"student": get_model_state_dict(student, options=full),
-                         "teacher": get_model_state_dict(teacher, options=full),
-                         "optimizer": get_optimizer_state_dict(student, optimizer, options=full), "center": center.cpu(),
-                         "epoch": (it + 1) // iters_per_epoch, "iteration": it + 1, "args": vars(args)}
-                if rank == 0:
-                    save_checkpoint(state, ckpt_path)
-                    RUN["checkpoint"] = it + 1
-                    if i + 1 == iters_per_epoch and args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                        save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04d}.pth"))
-                del state
-    if rank == 0:
-        log.close()
-        print(f"done: teacher weights in {ckpt_path} (load with vit.vit_from_checkpoint)")
-    if world_size > 1:
-        dist.destroy_process_group()
+def check_args(args):
+    """Every flag is checked here, once, before anything is built or written: a bad value stops the run with one
+    line that names the flag, the value and the valid range."""
+    check_shared_args(args)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,12 @@ DDP / FSDP2, bf16, checkpoints. Defaults reproduce the authors' released recipe;
 differs from the paper's pseudocode, a flag selects the paper's variant (see --help and
 the README).
 
+Below, in this order: the model and the loss, the recipe, `train`, then the run machinery (the same in
+the four method files: skip it on a first read) and this method's flags.
+
     # a CPU-sized run on the embedded synthetic dataset: a few minutes on a laptop
-    python simdinov2.py --arch vit_tiny --patch_size 8 --global_crops_size 32 --local_crops_size 16 --local_crops_number 4 --data synthetic:2000 --epochs 4 --warmup_epochs 1 --num_workers 2
+    python simdinov2.py --arch vit_tiny --patch_size 8 --global_crops_size 32 --local_crops_size 16 \
+        --local_crops_number 4 --data synthetic:2000 --epochs 4 --warmup_epochs 1 --num_workers 2
     # the defaults are the ImageNet recipe (ViT-S/16, 224 px crops, 100 epochs): runs for GPUs
     torchrun --nproc_per_node=8 simdinov2.py --data /path/to/imagenet --output_dir out/simdinov2
 """
@@ -52,160 +56,7 @@ from data import BlockMaskGenerator, DataError, MultiCropAugmentation, build_dat
 
 CPU_FLAGS = ("--arch vit_tiny --patch_size 8 --global_crops_size 32 --local_crops_size 16 --local_crops_number 4 "
              "--data synthetic:2000 --epochs 4 --warmup_epochs 1 --num_workers 2")   # minutes on a laptop CPU
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help prints the docstring as written, and every flag's default."""
-
-
-def int_or_auto(value):
-    return value if value == "auto" else int(value)
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser("SimDINOv2", description=__doc__, formatter_class=HelpFormatter)
-    # Model
-    p.add_argument("--arch", default="vit_small", choices=list(vit.ARCHS),
-                   help="Backbone size. The paper trains vit_base and vit_large on ImageNet-1k; vit_tiny is for CPU smoke runs.")
-    p.add_argument("--patch_size", default=16, type=int,
-                   help="Patch size in pixels (Table 4: 16). Crop sizes must be multiples of it.")
-    p.add_argument("--drop_path_rate", default=0.3, type=float,
-                   help="""Stochastic depth of the student, in every block (see --drop_path_uniform) (Table 4, v2 family: 0.3;
-                   the released ViT-L config file uses 0.2).""")
-    p.add_argument("--drop_path_uniform", default=True, action=argparse.BooleanOptionalAction,
-                   help="""The same drop-path rate in every block (DINOv2's default config, which the released
-                   SimDINOv2 configs inherit) instead of one rising linearly over the blocks (DINO).""")
-    p.add_argument("--num_register_tokens", default=4, type=int,
-                   help="Register tokens (Darcet et al. 2024): SimDINOv2 uses 4 (Table 4).")
-    p.add_argument("--layerscale", default=0.1, type=float,
-                   help="Initial layerscale of every residual branch (Table 4, SimDINOv2: 0.1; DINOv2: 1e-5). 0 disables.")
-    p.add_argument("--interpolate_offset", default=0.0, type=float,
-                   help="""How the position embeddings are resized for crops of another size (the 96 px local crops):
-                   0 resizes to the grid exactly, as SimDINOv2's configs and DINOv2's register models do; 0.1 is
-                   DINOv2's ssl_default_config and DINO (bicubic with scale_factor (grid + 0.1) / stored grid).""")
-    p.add_argument("--interpolate_antialias", default=True, action=argparse.BooleanOptionalAction,
-                   help="""Anti-aliased bicubic resizing of the position embeddings (SimDINOv2's configs and DINOv2's
-                   register models: on; DINOv2's ssl_default_config and DINO: off).""")
-    p.add_argument("--proj_hidden_dim", default=2048, type=int, help="Hidden width of the 3-layer projector MLP (released: 2048).")
-    p.add_argument("--proj_dim", default=256, type=int,
-                   help="""Output dimension d of the projector, the space where the loss lives (released: 256). The
-                   released recipe uses one projector for the CLS token and the patch tokens.""")
-    # Loss (eq. 8)
-    p.add_argument("--eps", default=math.sqrt(0.4), type=float,
-                   help="""The paper's epsilon of eq. 7: R_eps = 1/2 logdet(I + d/eps^2 S). Default sqrt(0.4) = 0.632:
-                   the released runs pass eps=0.05 to a code that divides by the world size (8 GPUs), i.e.
-                   eps^2 = 8 * 0.05 = 0.4 on per-GPU groups of 128 samples (see --cov_group_size).""")
-    p.add_argument("--cov_group_size", default="auto", type=int_or_auto,
-                   help="""Samples per coding-rate estimate n. The batch of each view is split into groups of n
-                   consecutive samples, R_eps is taken on each and averaged. The released code uses the per-GPU
-                   batch (128 in Table 4), so its loss depends on the GPU count; here n is fixed, so 1 or 8
-                   processes at the same global batch optimise the same objective.
-                   n divides --batch_size_per_gpu, or is a multiple of it that divides the global batch: a group
-                   then spans n / batch_size_per_gpu consecutive processes, their covariances all-reduced (the
-                   release's --reduce_cov 1 is n = the global batch). 'auto': 128, spanning processes when the
-                   per-process batch is smaller; the largest divisor of the batch where that cannot be (one
-                   process). Printed at start.""")
-    p.add_argument("--gamma", default="released",
-                   help="""Weight of the coding-rate term. 'released': the authors' heuristic (d + B)/(d B), with d
-                   --proj_dim and B the global batch (0.0049 at d=256, B=1024). A number sets it directly
-                   (the paper's Remark C.3 derives gamma up to a tuned constant).""")
-    p.add_argument("--coding_rate_on", default="mean", choices=["mean", "student"],
-                   help="""Features the coding rate is taken on, per global view. 'mean': (zsg + ztg)/2, the
-                   released default (expa_type=1, smoother covariance). 'student': zsg, as in Algorithm 2.""")
-    p.add_argument("--same_view_pairs", default="skip", choices=["skip", "keep"],
-                   help="""'skip': leave out the pairs where student and teacher see the same global view
-                   (released code, as in DINO): M*M_glo - M_glo pairs. 'keep': all M*M_glo pairs (Algorithm 2).""")
-    p.add_argument("--distance", default="half_sq", choices=["half_sq", "sq"],
-                   help="""'half_sq': d(x,y) = 1/2||x-y||^2 = 1 - cos(x,y) of eq. 6; the released code's -cos up to a
-                   constant. 'sq': ||x-y||^2 as written in Algorithm 2 (twice the gradient). Same for patches.""")
-    p.add_argument("--loss_weighting", default="released", choices=["released", "paper"],
-                   help="""How the CLS and patch distance terms add up. 'released': CLS term + patch term (both
-                   weights 1 in the released config). 'paper': (CLS term + patch term) / 2, as Algorithm 2.""")
-    # Masking (iBOT / DINOv2)
-    p.add_argument("--mask_probability", default=0.5, type=float,
-                   help="Fraction of the global crops of a batch that get a block mask; the rest are unmasked (DINOv2: 0.5).")
-    p.add_argument("--mask_ratio", default=(0.1, 0.5), type=float, nargs=2,
-                   help="Masked-patch ratios of the masked crops, spread uniformly over this range across the batch (DINOv2: 0.1 0.5).")
-    # Teacher and optimisation
-    p.add_argument("--momentum_teacher", default=0.9, type=float,
-                   help="""Teacher EMA momentum at the start; it follows a cosine schedule to --final_momentum_teacher
-                   (SimDINOv2: 0.9; DINOv2: 0.992).""")
-    p.add_argument("--final_momentum_teacher", default=1.0, type=float,
-                   help="""Teacher EMA momentum at the end of the cosine schedule (DINOv2's name; 1 in every released
-                   recipe). --momentum_teacher 0 --final_momentum_teacher 0: the teacher is the student after every
-                   step, training without self-distillation (the paper's Table 9).""")
-    p.add_argument("--lr", default=0.004, type=float,
-                   help="""Peak learning rate for a global batch of 1024, scaled by sqrt(batch / 1024) (Table 4 and
-                   the released config: 0.004, sqrt_wrt_1024). The optimiser is AdamW, as in DINOv2 and in the released
-                   SimDINOv2 ViT-L config at the authors' current revision (an earlier revision selected SOAP).""")
-    p.add_argument("--layerwise_decay", default=0.9, type=float,
-                   help="Block i of L gets lr x decay^(L + 1 - i); embeddings decay^(L + 1), head and final norm 1 (DINOv2: 0.9).")
-    p.add_argument("--patch_embed_lr_mult", default=0.2, type=float,
-                   help="Extra lr factor of the patch embedding (DINOv2: 0.2).")
-    p.add_argument("--min_lr", default=1e-6, type=float, help="Learning rate at the end of the cosine schedule.")
-    p.add_argument("--warmup_epochs", default=10, type=int,
-                   help="Epochs of linear learning-rate warm-up from --min_lr, as the SimDINOv2 release starts it (Table 4: 10).")
-    p.add_argument("--weight_decay", default=0.04, type=float, help="AdamW weight decay at the start (Table 4: 0.04).")
-    p.add_argument("--weight_decay_end", default=0.4, type=float,
-                   help="Weight decay at the end; cosine schedule in between (Table 4: 0.4). Biases and norms get none.")
-    p.add_argument("--clip_grad", default=3.0, type=float,
-                   help="Clip the gradient norm of the backbone and of the projector, each as a whole, as DINOv2 does (3.0). 0 disables.")
-    p.add_argument("--batch_size_per_gpu", default=128, type=int,
-                   help="""Images per process and step; the global batch is this times the number of processes
-                   (Table 4: 128 x 8; the released ViT-B config file sets 64).""")
-    p.add_argument("--epochs", default=100, type=int, help="Training epochs (Table 4: 100).")
-    p.add_argument("--epoch_length", default="auto", type=int_or_auto,
-                   help="""Iterations per epoch, the unit of --epochs, --warmup_epochs and every other per-epoch
-                   setting, of the log's epoch and of the epoch checkpoints. 'auto': one pass over the data
-                   (images // global batch). DINOv2's released recipe fixes 1,250 iterations per "epoch" instead.""")
-    # Multi-crop
-    p.add_argument("--global_crops_scale", default=(0.4, 1.0), type=float, nargs=2,
-                   help="Area range of the 2 global crops, relative to the image (DINO: 0.4 1).")
-    p.add_argument("--local_crops_scale", default=(0.05, 0.4), type=float, nargs=2,
-                   help="Area range of the local crops (DINO: 0.05 0.4).")
-    p.add_argument("--local_crops_number", default=10, type=int,
-                   help="Local crops per image, seen by the student only (Table 4: 10).")
-    p.add_argument("--global_crops_size", default=224, type=int, help="Side of the global crops in pixels (224).")
-    p.add_argument("--local_crops_size", default=96, type=int, help="Side of the local crops in pixels (96).")
-    p.add_argument("--photometric", default="auto", choices=["auto", "device", "pil"],
-                   help="""Where colour jitter, grayscale, blur and solarisation run. 'device': batched in the training
-                   process after the copy (data.photometric_augment), the loader workers only decode, crop and flip:
-                   same distribution of views, about 2.5x the images/s per loader core (bench.py --loader). 'pil':
-                   DINO's exact PIL pipeline in the workers. 'auto': 'device' on CUDA, 'pil' on CPU (where the
-                   float operations would slow the step). Both send uint8 crops and normalise on the device.""")
-    # Data and run
-    p.add_argument("--data", default="synthetic",
-                   help="""ImageFolder-style folder (one sub-folder per class; a 'train' sub-folder is used if
-                   present), 'synthetic' for the embedded shapes dataset (no files needed; 'synthetic:N' for N images), or
-                   'cifar10:ROOT' for torchvision's CIFAR-10 files under ROOT (downloaded there on first use).""")
-    p.add_argument("--on_bad_image", default="skip", choices=["skip", "stop"],
-                   help="An unreadable or truncated image is skipped and counted, or stops the run.")
-    p.add_argument("--num_workers", default=8, type=int, help="Data-loading processes per GPU.")
-    p.add_argument("--output_dir", default="out/simdinov2", help="Where checkpoints and log.jsonl are written.")
-    p.add_argument("--saveckp_freq", default=10, type=int,
-                   help="Also keep checkpoint<epoch>.pth every this many epochs (checkpoint.pth is rewritten every epoch).")
-    p.add_argument("--saveckp_every", default=500, type=int,
-                   help="""Also rewrite checkpoint.pth every this many iterations, inside epochs, so that a preempted
-                   or killed run loses at most that many; --resume continues from it exactly. 0: at epoch ends only.""")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="Continue a run: from <output_dir>/checkpoint.pth, or from the checkpoint given.")
-    p.add_argument("--pretrained_weights", default=None, metavar="PATH",
-                   help="""Start the student's and the teacher's backbones from the ViT in this file: the released
-                   DINO / DINOv2 / SimDINO / SimDINOv2 checkpoints, this project's (its teacher), a bare state dict.
-                   The heads start fresh. To continue pre-training on another domain (DINOv2's
-                   student.pretrained_weights); the architecture flags must match the file's.""")
-    p.add_argument("--seed", default=0, type=int, help="Seed of weights, augmentations and data order.")
-    p.add_argument("--log_every", default=10, type=int, help="Iterations between log lines (each costs one GPU sync).")
-    p.add_argument("--fsdp", action="store_true",
-                   help="""Shard student and teacher with FSDP2 (fully_shard, each block a unit) instead of DDP: for
-                   models whose weights and optimiser state crowd a GPU; DDP moves fewer bytes (README).""")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block.")
-    p.add_argument("--grad_checkpointing", action="store_true",
-                   help="Recompute the student's block activations in backward: far less memory, about 1/3 more compute.")
-    p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
-                   help="""bf16 autocast on CUDA (the loss and the coding rate stay float32/float64); with --fsdp
-                   the parameters are gathered in bf16 too, gradients reduced in float32. Ignored on CPU.""")
-    return p.parse_args(argv)
+NOT_FINITE_HINT = "a lower --lr or a larger --eps"   # what to change when the loss is not finite
 
 
 # ----------------------------------------------------------------------------- model
@@ -256,7 +107,7 @@ def build_networks(args):
                              drop_path_uniform=args.drop_path_uniform, layerscale=args.layerscale or None,
                              interpolate_offset=args.interpolate_offset,
                              interpolate_antialias=args.interpolate_antialias)
-    backbone.grad_checkpointing = args.grad_checkpointing  # the student recomputes in backward; the teacher (eval) never
+    backbone.grad_checkpointing = args.grad_checkpointing  # the student recomputes in backward; the teacher never
     student = Network(backbone, Projector(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim))
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False).eval()      # eval: no stochastic depth, the teacher's forward is deterministic
@@ -331,6 +182,28 @@ def simdinov2_loss(zsg, zsl, ztg, Zsg, Ztg, w, eps, gamma, cov_group_size, same_
     return loss, mean_sq_dist.detach(), patch_term.detach(), R_eps.mean().detach()
 
 
+def coding_rate_group(cov_group_size, batch_size_per_gpu):
+    """The processes this one shares its coding-rate groups with when a group spans processes (--cov_group_size
+    above --batch_size_per_gpu): cov_group_size / batch_size_per_gpu consecutive ranks; None when groups fit in
+    a process. Every process must call it (it creates the process groups)."""
+    if cov_group_size <= batch_size_per_gpu:
+        return None
+    group, _ = dist.new_subgroups(group_size=cov_group_size // batch_size_per_gpu)
+    return group
+
+
+def default_cov_group_size(batch_size_per_gpu, recipe, world_size=1):
+    """--cov_group_size auto: the recipe's group size where the batch allows it. A per-process batch at least that
+    large is cut into groups of its largest divisor up to it; a smaller one joins the batches of the next
+    processes (a group spanning m processes, m dividing the world size) up to it; what neither allows (one
+    process with a small batch) gets the per-process batch's largest divisor. A group size gives the same
+    groups, and the same objective, whatever the number of processes."""
+    b = batch_size_per_gpu
+    divisors = [n for n in range(1, min(recipe, b) + 1) if b % n == 0]
+    spanning = [m * b for m in range(2, recipe // b + 1) if world_size % m == 0]
+    return max(divisors + spanning)
+
+
 # ----------------------------------------------------------------------------- recipe
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
@@ -392,6 +265,131 @@ def grad_norms(model):
     return grads, torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(0)
 
 
+@torch.no_grad()
+def update_teacher(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, every parameter in one fused call (under FSDP2 on
+    the local shards: the two networks are sharded alike)."""
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - momentum)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args):
+    rank, world_size, device, ckpt_path = start_run(args)          # checks every flag; nothing written yet
+    bf16 = device.type == "cuda" and args.bf16
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+
+    # ---- data: 2 global + local_crops_number local crops of every image, block masks for the global ones
+    transform = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                      args.global_crops_size, args.local_crops_size, args.photometric)
+    dataset = build_dataset(args.data, transform, "train", args.on_bad_image)
+    grid = args.global_crops_size // args.patch_size                              # masks are drawn in the workers
+    collate = functools.partial(collate_multicrop, mask_generator=BlockMaskGenerator(grid),
+                                mask_ratio=args.mask_ratio, mask_probability=args.mask_probability)
+    global_batch, iters_per_epoch, total_iters = run_length(args, len(dataset), world_size)
+
+    # ---- student, teacher, optimiser, the loss's constants
+    student, teacher = build_networks(args)
+    if args.pretrained_weights:
+        load_pretrained(args.pretrained_weights, student, teacher)    # backbones only: the heads start fresh
+    student, teacher = student.to(device), teacher.to(device)
+    model = distribute(student, teacher, args, world_size, bf16)
+    optimizer = torch.optim.AdamW(param_groups(student, args.layerwise_decay, args.patch_embed_lr_mult), lr=0.0,
+                                  fused=device.type == "cuda")
+    gamma = released_gamma(args.proj_dim, global_batch) if args.gamma == "released" else float(args.gamma)
+    cov_group = coding_rate_group(args.cov_group_size, args.batch_size_per_gpu)   # None: groups fit in a process
+
+    # ---- per-iteration schedules, as in the released recipe
+    lr_schedule = cosine_schedule(args.lr * math.sqrt(global_batch / 1024), args.min_lr, args.epochs,
+                                  iters_per_epoch, args.warmup_epochs,
+                                  args.min_lr)              # square-root scaling; warm-up from min_lr, as released
+    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
+    momentum_schedule = cosine_schedule(args.momentum_teacher, args.final_momentum_teacher, args.epochs,
+                                        iters_per_epoch)
+
+    start_it = resume_run(args, ckpt_path, total_iters, student, teacher, optimizer)   # 0 for a new run
+    loader = run_loader(dataset, collate, args, rank, world_size, start_it, total_iters, device)
+    if rank == 0:
+        span = args.cov_group_size // args.batch_size_per_gpu             # processes per coding-rate group
+        print(f"SimDINOv2 {args.arch}/{args.patch_size}: {len(dataset)} images, {world_size} process(es), global "
+              f"batch {global_batch}, gamma {gamma:.4g}, eps {args.eps:.4g}, coding rate on groups of "
+              f"{args.cov_group_size}{f' spanning {span} processes' if span > 1 else ''}, {args.epochs} epochs of "
+              f"{iters_per_epoch} iterations, from iteration {start_it}", flush=True)
+    progress = Progress(args, rank, world_size, device, start_it, iters_per_epoch, ckpt_path, dataset)
+
+    # ---- Algorithm 2, one iteration per batch
+    for epoch, it, batch in progress.steps(loader):
+        for g in optimizer.param_groups:
+            g["lr"], g["weight_decay"] = lr_schedule[it] * g["lr_mult"], wd_schedule[it] * g["wd_mult"]
+        m = batch["masks"]                                              # (M_glo*B, N) bool: patches to mask
+        idx = m.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # (n_masked,) found on CPU: no sync
+        w = patch_weights(m).to(device, non_blocking=True)              # (n_masked,)
+        m = m.to(device, non_blocking=True)
+        xg = batch["xg"].to(device, non_blocking=True)                  # (M_glo, B, 3, G, G) global views
+        xl = batch["xl"].to(device, non_blocking=True)                  # (M_loc, B, 3, L, L) local views
+        xg, xl = transform.on_device(xg, xl)                            # uint8 -> float views, --photometric
+        with autocast:
+            # the student sees xmg: xg with the patches in m swapped for the mask token (inside the ViT)
+            zsg, Zsg, zsl = model(xg, idx, m, xl)                       # (M_glo, B, d), (n_masked, d), (M_loc, B, d)
+            with torch.no_grad():
+                ztg, Ztg = teacher(xg, idx)                             # (M_glo, B, d), (n_masked, d) unmasked views
+            # (Algorithm 2's Zsl, the local views' patch features, enters no loss term: not computed)
+            loss, dist_term, patch_term, R_mean = simdinov2_loss(
+                zsg, zsl, ztg, Zsg, Ztg, w, args.eps, gamma, args.cov_group_size, args.same_view_pairs,
+                args.coding_rate_on, args.distance, args.loss_weighting, cov_group)   # eq. 16
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_grad:
+            clip_gradients(student, args.clip_grad)
+        optimizer.step()
+        update_teacher(teacher, student, momentum_schedule[it])         # teacher <- EMA of the student
+
+        progress.log(it, {"loss": loss, "distance": dist_term, "patch_distance": patch_term, "R_eps": R_mean},
+                     lr=lr_schedule[it], wd=wd_schedule[it], momentum=momentum_schedule[it])
+        save_training_state(ckpt_path, args, it, iters_per_epoch, student, teacher, optimizer)   # when due
+    progress.finish()
+
+
+# ======================================================================================================================
+# The run machinery. From here to get_args everything is the same, to the character, in the four method files
+# (tests/test_shared_source.py keeps it so), and can be skipped on a first read. It is what makes a run launchable
+# with torchrun (DDP or FSDP2), stoppable at any moment, resumable exactly (batches, views and drop path depend on
+# the iteration alone), and trustworthy: atomic checkpoints, a log that reads as one run, one-line errors.
+# ======================================================================================================================
+
+def start_run(args):
+    """The process group, the argument checks and the refusal to overwrite a run, before anything is written:
+    (rank, world size, device, path of the run's checkpoint.pth)."""
+    rank, world_size, device = init_distributed()
+    check_args(args)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    RUN.update(rank=rank, path=ckpt_path)
+    if args.resume is None and os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output_dir")
+    seed_all(args.seed)
+    return rank, world_size, device, ckpt_path
+
+
+def run_length(args, num_images, world_size):
+    """(global batch, iterations per epoch, iterations of the run); each pass over the data drops its last partial
+    batch."""
+    iters_per_pass = num_images // world_size // args.batch_size_per_gpu
+    global_batch = args.batch_size_per_gpu * world_size
+    if iters_per_pass == 0:
+        fail(f"{num_images} images are fewer than one global batch of {global_batch}: lower --batch_size_per_gpu")
+    iters_per_epoch = iters_per_pass if args.epoch_length == "auto" else args.epoch_length
+    return global_batch, iters_per_epoch, args.epochs * iters_per_epoch
+
+
+def run_loader(dataset, collate, args, rank, world_size, start_it, total_iters, device):
+    """The batches of iterations start_it..total_iters-1: each the same whatever the workers or the resume point."""
+    sampler = RunSampler(len(dataset), args.batch_size_per_gpu, rank, world_size, args.seed, start_it, total_iters)
+    return torch.utils.data.DataLoader(SeededViews(dataset, args.seed), batch_sampler=sampler,
+                                       collate_fn=functools.partial(seeded_collate, collate=collate, seed=args.seed),
+                                       num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                       worker_init_fn=worker_init)
+
+
 def init_distributed():
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process."""
     if "RANK" not in os.environ:
@@ -439,15 +437,6 @@ def seed_all(seed):
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
-
-def save_checkpoint(obj, path):
-    """Write to a temporary file, then rename: a crash while saving never destroys the previous file."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- runs that can be stopped, resumed and trusted
 
 def stream_seed(*key):
     """A 64-bit seed from a few integers; SeedSequence mixes them, so neighbouring keys give unrelated streams."""
@@ -549,6 +538,70 @@ def stop_on_signals():
     threading.Thread(target=stop, daemon=True).start()
 
 
+class Progress:
+    """The step loop's bookkeeping, one call per iteration: the progress bar of each epoch, a log.jsonl record every
+    --log_every iterations, the stop on a non-finite loss, and a note when the defaults would keep a CPU busy for
+    hours. The step's terms stay on the device and are read at log records only: a step costs no host sync."""
+
+    def __init__(self, args, rank, world_size, device, start_it, iters_per_epoch, ckpt_path, dataset):
+        self.args, self.rank, self.world_size, self.device = args, rank, world_size, device
+        self.start_it, self.iters_per_epoch = start_it, iters_per_epoch
+        self.ckpt_path, self.dataset = ckpt_path, dataset
+        if rank == 0 and args.warmup_epochs >= args.epochs:
+            print(f"note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning rate rises "
+                  f"for the whole run, never reaching its peak nor decaying; lower --warmup_epochs", flush=True)
+        self.file = open_log(args.output_dir, start_it) if rank == 0 else None
+
+    def steps(self, loader):
+        """(epoch, iteration, batch) for each iteration left; torch's RNG reseeded by the iteration (drop path)."""
+        batches, n = iter(loader), self.iters_per_epoch        # one stream of batches for the whole run (RunSampler)
+        for epoch in range(self.start_it // n, self.args.epochs):
+            first = max(self.start_it - epoch * n, 0)              # a resumed run may start mid-epoch
+            self.bad = torch.zeros((), device=self.device)         # non-finite losses this epoch, read at log records
+            self.t0, self.done = time.time(), 0
+            self.bar = tqdm(itertools.islice(batches, n - first), desc=f"epoch {epoch}", total=n, initial=first,
+                            disable=self.rank != 0, dynamic_ncols=True)
+            for i, batch in enumerate(self.bar, first):
+                it = epoch * n + i
+                seed_all(self.args.seed + 1 + it * self.world_size + self.rank)   # the same draws on resume
+                RUN["iteration"] = it
+                yield epoch, it, batch
+
+    def log(self, it, terms, **values):
+        """terms: the step's loss first, then its parts (tensors, averaged over the processes); values: floats."""
+        self.bad += ~torch.isfinite(next(iter(terms.values())))
+        self.done += 1
+        if it == self.start_it:
+            self.t_first = time.time()                             # the first step warms up: time the second
+        elif it == self.start_it + 1 and self.rank == 0 and self.device.type == "cpu":
+            note_cpu_hours(time.time() - self.t_first, self.args.epochs * self.iters_per_epoch - it - 1)
+        epoch, i = divmod(it, self.iters_per_epoch)
+        if (i + 1) % self.args.log_every and i + 1 < self.iters_per_epoch:
+            return
+        stats = torch.stack([*(t.detach().float() for t in terms.values()), self.bad.float()])
+        if self.world_size > 1:
+            dist.all_reduce(stats)
+            stats[:-1] /= self.world_size
+        *means, bad = stats.tolist()
+        if bad > 0:
+            fail(f"loss is not finite at iteration {it} (epoch {epoch}): stopping. The last good checkpoint is "
+                 f"{self.ckpt_path}; resume it with --resume and {NOT_FINITE_HINT}")
+        images_per_s = self.done * self.args.batch_size_per_gpu * self.world_size / (time.time() - self.t0)
+        record = {"iteration": it, "epoch": epoch, "time": time.time(), **dict(zip(terms, means)), **values,
+                  "images_per_s": images_per_s, "skipped_images": getattr(self.dataset, "num_skipped", 0)}
+        if self.rank == 0:
+            self.bar.set_postfix({**{k: f"{record[k]:.4g}" for k in (*terms, "lr")}, "img_s": f"{images_per_s:.0f}"})
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def finish(self):
+        if self.rank == 0:
+            self.file.close()
+            print(f"done: teacher weights in {self.ckpt_path} (load with vit.vit_from_checkpoint)")
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+
 def open_log(output_dir, start_it):
     """log.jsonl, open for appending, with only its records of iterations before start_it: a killed run may
     have logged iterations past its last checkpoint, which the resumed run does again, so its log reads as one run."""
@@ -578,18 +631,45 @@ def note_cpu_hours(seconds_per_it, iterations_left):
               f"python {os.path.basename(__file__)} {CPU_FLAGS}", flush=True)
 
 
-def load_optimizer_state(model, optimizer, state):
-    """set_optimizer_state_dict for a checkpoint in which some parameters have no optimiser state yet.
+def save_training_state(path, args, it, iters_per_epoch, student, teacher, optimizer, **state):
+    """After iteration `it`, if it ends an epoch or a --saveckp_every interval: checkpoint.pth, and at every
+    --saveckp_freq-th epoch end checkpoint<epoch>.pth too. state: the method's own tensors (DINO's centre).
+    Every process takes part (the full state dicts are gathered); rank 0 writes."""
+    epoch_end = (it + 1) % iters_per_epoch == 0
+    if not (epoch_end or (args.saveckp_every and (it + 1) % args.saveckp_every == 0)):
+        return
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    ckpt = {"student": get_model_state_dict(student, options=full),
+            "teacher": get_model_state_dict(teacher, options=full),
+            "optimizer": get_optimizer_state_dict(student, optimizer, options=full),
+            **{name: t.cpu() for name, t in state.items()},
+            "epoch": (it + 1) // iters_per_epoch, "iteration": it + 1, "args": vars(args)}
+    if RUN["rank"] == 0:
+        save_checkpoint(ckpt, path)
+        RUN["checkpoint"] = it + 1
+        if epoch_end and args.saveckp_freq and ckpt["epoch"] % args.saveckp_freq == 0:
+            save_checkpoint(ckpt, os.path.join(args.output_dir, f"checkpoint{ckpt['epoch']:04d}.pth"))
 
-    DINO's last layer has none until its first step (it is frozen in epoch 0). The strict load
-    rejects that; strict=False keeps, for such a parameter, the zero state of the dummy step that
-    set_optimizer_state_dict takes to initialise an empty optimiser, so its first real AdamW step
-    would count as step 2 and the resumed run would drift. Drop that state: step 1 comes next.
-    """
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    for name, p in model.named_parameters():
-        if p.requires_grad and name not in state["state"]:
-            optimizer.state.pop(p, None)
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, then rename: a crash while saving never destroys the previous file."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def resume_run(args, ckpt_path, total_iters, student, teacher, optimizer, **state):
+    """--resume: the networks, the optimiser and the method's own tensors (state, restored in place) from a
+    checkpoint of this script; the iteration to start at (0 for a new run)."""
+    if not args.resume:
+        return 0
+    ckpt = load_training_state(ckpt_path if args.resume == "auto" else args.resume, student, teacher, optimizer)
+    for name, tensor in state.items():
+        tensor.copy_(ckpt[name])
+    if ckpt["iteration"] >= total_iters:
+        fail(f"--resume: the checkpoint is at iteration {ckpt['iteration']}, the end of a run of {args.epochs} epochs "
+             f"of {total_iters // args.epochs} iterations: nothing to train (raise --epochs to train on)")
+    return ckpt["iteration"]
 
 
 def load_training_state(path, student, teacher, optimizer):
@@ -615,6 +695,20 @@ def load_training_state(path, student, teacher, optimizer):
     return ckpt
 
 
+def load_optimizer_state(model, optimizer, state):
+    """set_optimizer_state_dict for a checkpoint in which some parameters have no optimiser state yet.
+
+    DINO's last layer has none until its first step (it is frozen in epoch 0). The strict load
+    rejects that; strict=False keeps, for such a parameter, the zero state of the dummy step that
+    set_optimizer_state_dict takes to initialise an empty optimiser, so its first real AdamW step
+    would count as step 2 and the resumed run would drift. Drop that state: step 1 comes next.
+    """
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    for name, p in model.named_parameters():
+        if p.requires_grad and name not in state["state"]:
+            optimizer.state.pop(p, None)
+
+
 def load_pretrained(path, student, teacher):
     """--pretrained_weights: both backbones <- the ViT of a checkpoint (a training checkpoint's teacher), any layout
     vit_from_checkpoint reads; position embeddings resized if only their grid differs. Heads stay as built."""
@@ -633,26 +727,81 @@ def fail(msg):
     sys.exit(f"error: {msg}")
 
 
-def coding_rate_group(cov_group_size, batch_size_per_gpu):
-    """The processes this one shares its coding-rate groups with when a group spans processes (--cov_group_size
-    above --batch_size_per_gpu): cov_group_size / batch_size_per_gpu consecutive ranks; None when groups fit in
-    a process. Every process must call it (it creates the process groups)."""
-    if cov_group_size <= batch_size_per_gpu:
-        return None
-    group, _ = dist.new_subgroups(group_size=cov_group_size // batch_size_per_gpu)
-    return group
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help prints the docstring as written, and every flag's default and valid range."""
+
+    def _get_help_string(self, action):
+        text = super()._get_help_string(action)
+        return text + f" (valid: {action.type.interval})" if isinstance(action.type, Ranged) else text
 
 
-def default_cov_group_size(batch_size_per_gpu, recipe, world_size=1):
-    """--cov_group_size auto: the recipe's group size where the batch allows it. A per-process batch at least that
-    large is cut into groups of its largest divisor up to it; a smaller one joins the batches of the next
-    processes (a group spanning m processes, m dividing the world size) up to it; what neither allows (one
-    process with a small batch) gets the per-process batch's largest divisor. A group size gives the same
-    groups, and the same objective, whatever the number of processes."""
-    b = batch_size_per_gpu
-    divisors = [n for n in range(1, min(recipe, b) + 1) if b % n == 0]
-    spanning = [m * b for m in range(2, recipe // b + 1) if world_size % m == 0]
-    return max(divisors + spanning)
+class Ranged:
+    """An argparse type that converts a value (int, float, int_or_auto) and declares the flag's valid values: an
+    interval written as the error message writes it, '[0, 1)', '(0, inf)'. check_shared_args checks each."""
+
+    def __init__(self, convert, interval):
+        self.convert, self.interval, self.__name__ = convert, interval, convert.__name__
+
+    def __call__(self, text):
+        return self.convert(text)
+
+
+def int_or_auto(value):
+    return value if value == "auto" else int(value)
+
+
+def add_run_flags(p):
+    """The flags of the run itself, the same for the four methods: data, output, resume, launch, precision."""
+    p.add_argument("--data", default="synthetic",
+                   help="""ImageFolder-style folder (one sub-folder per class; a 'train' sub-folder is used if
+                   present), 'synthetic' for the embedded shapes dataset ('synthetic:N' for N images), or
+                   'cifar10:ROOT' for torchvision's CIFAR-10 files under ROOT (downloaded there on first use).""")
+    p.add_argument("--on_bad_image", default="skip", choices=["skip", "stop"],
+                   help="An unreadable or truncated image is skipped and counted, or stops the run.")
+    p.add_argument("--num_workers", default=8, type=Ranged(int, "[0, inf)"), help="Data-loading processes per GPU.")
+    p.add_argument("--output_dir", default=f"out/{p.prog.lower()}", help="Where checkpoints and log.jsonl go.")
+    p.add_argument("--saveckp_freq", default=10, type=Ranged(int, "[0, inf)"),
+                   help="Also keep checkpoint<epoch>.pth every this many epochs (checkpoint.pth: every epoch).")
+    p.add_argument("--saveckp_every", default=500, type=Ranged(int, "[0, inf)"),
+                   help="""Also rewrite checkpoint.pth every this many iterations, so that a killed run loses at most
+                   that many; --resume continues from it exactly. 0: at epoch ends only.""")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="Continue a run: from <output_dir>/checkpoint.pth, or from the checkpoint given.")
+    p.add_argument("--pretrained_weights", default=None, metavar="PATH",
+                   help="""Start both backbones from the ViT in this file (a released DINO / DINOv2 / SimDINO /
+                   SimDINOv2 checkpoint, this project's teacher, a bare state dict); the heads start fresh. The
+                   architecture flags must build the file's ViT.""")
+    p.add_argument("--seed", default=0, type=Ranged(int, "[0, inf)"),
+                   help="Seed of weights, augmentations and data order.")
+    p.add_argument("--log_every", default=10, type=Ranged(int, "[1, inf)"),
+                   help="Iterations between log records (each costs one GPU sync).")
+    p.add_argument("--fsdp", action="store_true",
+                   help="Shard student and teacher with FSDP2 instead of DDP, for models that crowd a GPU (README).")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block.")
+    p.add_argument("--grad_checkpointing", action="store_true",
+                   help="Recompute the student's block activations in backward: far less memory, 1/3 more compute.")
+    p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
+                   help="""bf16 autocast on CUDA, the losses in float32 or better; with --fsdp the parameters are
+                   gathered in bf16 too, gradients reduced in float32. Ignored on CPU.""")
+
+
+def check_shared_args(args):
+    """Every flag declared with a Ranged type against its interval, and the crop flags against each other: one line
+    that names the flag, the value and what is valid."""
+    for action in build_parser()._actions:
+        if isinstance(action.type, Ranged):
+            value = getattr(args, action.dest)
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if any(v != "auto" and not in_interval(v, action.type.interval) for v in values):
+                fail(f"--{action.dest} {' '.join(map(str, values))} is out of range: valid values lie in "
+                     f"{action.type.interval}")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        if getattr(args, name)[0] > getattr(args, name)[1]:
+            fail(f"--{name} {getattr(args, name)[0]} {getattr(args, name)[1]} must be given as min max")
+    for name in ("global_crops_size", "local_crops_size"):
+        if getattr(args, name) % args.patch_size:
+            fail(f"--{name} {getattr(args, name)} is not divisible by --patch_size {args.patch_size}: "
+                 f"use a multiple of {args.patch_size}")
 
 
 def in_interval(value, interval):
@@ -661,35 +810,136 @@ def in_interval(value, interval):
     return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
 
 
+# ----------------------------------------------------------------------------- this method's flags
+
+def build_parser():
+    p = argparse.ArgumentParser("SimDINOv2", description=__doc__, formatter_class=HelpFormatter)
+    # Model
+    p.add_argument("--arch", default="vit_small", choices=list(vit.ARCHS),
+                   help="Backbone. The paper trains vit_base and vit_large on ImageNet-1k; vit_tiny is for CPU runs.")
+    p.add_argument("--patch_size", default=16, type=Ranged(int, "[1, inf)"),
+                   help="Patch size in pixels (Table 4: 16). Crop sizes must be multiples of it.")
+    p.add_argument("--drop_path_rate", default=0.3, type=Ranged(float, "[0, 1)"),
+                   help="""Stochastic depth of the student, in every block (see --drop_path_uniform) (Table 4, v2
+                   family: 0.3; the released ViT-L config file uses 0.2).""")
+    p.add_argument("--drop_path_uniform", default=True, action=argparse.BooleanOptionalAction,
+                   help="""The same drop-path rate in every block (DINOv2's default config, which the released
+                   SimDINOv2 configs inherit) instead of one rising linearly over the blocks (DINO).""")
+    p.add_argument("--num_register_tokens", default=4, type=Ranged(int, "[0, inf)"),
+                   help="Register tokens (Darcet et al. 2024): SimDINOv2 uses 4 (Table 4).")
+    p.add_argument("--layerscale", default=0.1, type=Ranged(float, "[0, inf)"),
+                   help="""Initial layerscale of every residual branch (Table 4, SimDINOv2: 0.1; DINOv2: 1e-5). 0
+                   disables.""")
+    p.add_argument("--interpolate_offset", default=0.0, type=Ranged(float, "[0, 1)"),
+                   help="""How the position embeddings are resized for crops of another size (the 96 px local
+                   crops): 0 resizes to the grid exactly, as SimDINOv2's configs and DINOv2's register models do;
+                   0.1 is DINOv2's ssl_default_config and DINO (bicubic with scale_factor (grid + 0.1) / stored
+                   grid).""")
+    p.add_argument("--interpolate_antialias", default=True, action=argparse.BooleanOptionalAction,
+                   help="""Anti-aliased bicubic resizing of the position embeddings (SimDINOv2's configs and
+                   DINOv2's register models: on; DINOv2's ssl_default_config and DINO: off).""")
+    p.add_argument("--proj_hidden_dim", default=2048, type=Ranged(int, "[1, inf)"),
+                   help="Hidden width of the 3-layer projector MLP (released: 2048).")
+    p.add_argument("--proj_dim", default=256, type=Ranged(int, "[1, inf)"),
+                   help="""Output dimension d of the projector, the space where the loss lives (released: 256). The
+                   released recipe uses one projector for the CLS token and the patch tokens.""")
+    # Loss (eq. 8)
+    p.add_argument("--eps", default=math.sqrt(0.4), type=Ranged(float, "(0, inf)"),
+                   help="""The paper's epsilon of eq. 7, R_eps = 1/2 logdet(I + d/eps^2 S). sqrt(0.4): the released
+                   runs' eps_code 0.05 times their 8 GPUs (README, Paper versus released code).""")
+    p.add_argument("--cov_group_size", default="auto", type=Ranged(int_or_auto, "[1, inf)"),
+                   help="""Samples n per coding-rate estimate: each view's batch is cut into groups of n, R_eps taken
+                   on each and averaged. Independent of the GPU count, unlike the release's per-GPU batch. A
+                   multiple of --batch_size_per_gpu spans processes (covariances all-reduced). 'auto': 128, Table
+                   4's per-GPU batch, or the largest that the batch allows; printed at start (README).""")
+    p.add_argument("--gamma", default="released",
+                   help="""Weight of the coding-rate term: 'released', the authors' heuristic (d + B)/(d B) for d
+                   --proj_dim and B the global batch (0.0049 at d=256, B=1024), or a number (Remark C.3 derives
+                   gamma up to a tuned constant). On fewer GPUs than the paper, pass the paper's value (README).""")
+    p.add_argument("--coding_rate_on", default="mean", choices=["mean", "student"],
+                   help="""Features the coding rate is taken on, per global view. 'mean': (zsg + ztg)/2, the
+                   released default (expa_type=1, smoother covariance). 'student': zsg, as in Algorithm 2.""")
+    p.add_argument("--same_view_pairs", default="skip", choices=["skip", "keep"],
+                   help="""'skip': leave out the pairs where student and teacher see the same global view (released
+                   code, as in DINO): M*M_glo - M_glo pairs. 'keep': all M*M_glo pairs (Algorithm 2).""")
+    p.add_argument("--distance", default="half_sq", choices=["half_sq", "sq"],
+                   help="""'half_sq': d(x,y) = 1/2||x-y||^2 = 1 - cos(x,y) of eq. 6; the released code's -cos up to
+                   a constant. 'sq': ||x-y||^2 as written in Algorithm 2 (twice the gradient). Same for patches.""")
+    p.add_argument("--loss_weighting", default="released", choices=["released", "paper"],
+                   help="""How the CLS and patch distance terms add up. 'released': CLS term + patch term (both
+                   weights 1 in the released config). 'paper': (CLS term + patch term) / 2, as Algorithm 2.""")
+    # Masking (iBOT / DINOv2)
+    p.add_argument("--mask_probability", default=0.5, type=Ranged(float, "[0, 1]"),
+                   help="""Fraction of the global crops of a batch that get a block mask; the rest are unmasked
+                   (DINOv2: 0.5).""")
+    p.add_argument("--mask_ratio", default=(0.1, 0.5), type=Ranged(float, "[0, 1]"), nargs=2,
+                   help="""Masked-patch ratios of the masked crops, spread uniformly over this range across the
+                   batch (DINOv2: 0.1 0.5).""")
+    # Teacher and optimisation
+    p.add_argument("--momentum_teacher", default=0.9, type=Ranged(float, "[0, 1]"),
+                   help="""Teacher EMA momentum at the start; it follows a cosine schedule to
+                   --final_momentum_teacher (SimDINOv2: 0.9; DINOv2: 0.992).""")
+    p.add_argument("--final_momentum_teacher", default=1.0, type=Ranged(float, "[0, 1]"),
+                   help="""Teacher EMA momentum at the end of the cosine schedule (DINOv2's name; 1 in every
+                   released recipe). --momentum_teacher 0 --final_momentum_teacher 0: the teacher is the student
+                   after every step, training without self-distillation (the paper's Table 9).""")
+    p.add_argument("--lr", default=0.004, type=Ranged(float, "[0, inf)"),
+                   help="""Peak learning rate for a global batch of 1024, scaled by sqrt(batch / 1024) (Table 4 and
+                   the released config: 0.004, sqrt_wrt_1024). The optimiser is AdamW, as in DINOv2 and in the
+                   released SimDINOv2 ViT-L config at the authors' current revision (an earlier revision selected
+                   SOAP).""")
+    p.add_argument("--layerwise_decay", default=0.9, type=Ranged(float, "(0, 1]"),
+                   help="""Block i of L gets lr x decay^(L + 1 - i); embeddings decay^(L + 1), head and final norm 1
+                   (DINOv2: 0.9).""")
+    p.add_argument("--patch_embed_lr_mult", default=0.2, type=Ranged(float, "[0, inf)"),
+                   help="Extra lr factor of the patch embedding (DINOv2: 0.2).")
+    p.add_argument("--min_lr", default=1e-6, type=Ranged(float, "[0, inf)"),
+                   help="Learning rate at the end of the cosine schedule.")
+    p.add_argument("--warmup_epochs", default=10, type=Ranged(int, "[0, inf)"),
+                   help="""Epochs of linear learning-rate warm-up from --min_lr, as the SimDINOv2 release starts it
+                   (Table 4: 10).""")
+    p.add_argument("--weight_decay", default=0.04, type=Ranged(float, "[0, inf)"),
+                   help="AdamW weight decay at the start (Table 4: 0.04).")
+    p.add_argument("--weight_decay_end", default=0.4, type=Ranged(float, "[0, inf)"),
+                   help="""Weight decay at the end; cosine schedule in between (Table 4: 0.4). Biases and norms get
+                   none.""")
+    p.add_argument("--clip_grad", default=3.0, type=Ranged(float, "[0, inf)"),
+                   help="""Clip the gradient norm of the backbone and of the projector, each as a whole, as DINOv2
+                   does (3.0). 0 disables.""")
+    p.add_argument("--batch_size_per_gpu", default=128, type=Ranged(int, "[1, inf)"),
+                   help="""Images per process and step; the global batch is this times the number of processes
+                   (Table 4: 128 x 8; the released ViT-B config file sets 64).""")
+    p.add_argument("--epochs", default=100, type=Ranged(int, "[1, inf)"), help="Training epochs (Table 4: 100).")
+    p.add_argument("--epoch_length", default="auto", type=Ranged(int_or_auto, "[1, inf)"),
+                   help="""Iterations per epoch, the unit of --epochs and every per-epoch setting. 'auto': one pass
+                   over the data (images // global batch). DINOv2's released recipe fixes 1,250 instead.""")
+    # Multi-crop
+    p.add_argument("--global_crops_scale", default=(0.4, 1.0), type=Ranged(float, "(0, 1]"), nargs=2,
+                   help="Area range of the 2 global crops, relative to the image (DINO: 0.4 1).")
+    p.add_argument("--local_crops_scale", default=(0.05, 0.4), type=Ranged(float, "(0, 1]"), nargs=2,
+                   help="Area range of the local crops (DINO: 0.05 0.4).")
+    p.add_argument("--local_crops_number", default=10, type=Ranged(int, "[0, inf)"),
+                   help="Local crops per image, seen by the student only (Table 4: 10).")
+    p.add_argument("--global_crops_size", default=224, type=Ranged(int, "[1, inf)"),
+                   help="Side of the global crops in pixels (224).")
+    p.add_argument("--local_crops_size", default=96, type=Ranged(int, "[1, inf)"),
+                   help="Side of the local crops in pixels (96).")
+    p.add_argument("--photometric", default="auto", choices=["auto", "device", "pil"],
+                   help="""Where colour jitter, grayscale, blur and solarisation run: 'device', batched after the
+                   copy (the same distribution of views, 2.5x the images/s per loader core); 'pil', DINO's PIL
+                   pipeline in the workers; 'auto': 'device' on CUDA, 'pil' on CPU (README).""")
+    add_run_flags(p)
+    return p
+
+
+def get_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
 def check_args(args):
     """Every flag is checked here, once, before anything is built or written: a bad value stops the run with
     one line that names the flag, the value and the valid range."""
-    ranges = {"patch_size": "[1, inf)", "drop_path_rate": "[0, 1)", "num_register_tokens": "[0, inf)",
-              "proj_hidden_dim": "[1, inf)", "proj_dim": "[1, inf)", "momentum_teacher": "[0, 1]",
-              "final_momentum_teacher": "[0, 1]", "lr": "[0, inf)",
-              "min_lr": "[0, inf)", "warmup_epochs": "[0, inf)", "weight_decay": "[0, inf)",
-              "weight_decay_end": "[0, inf)", "clip_grad": "[0, inf)", "batch_size_per_gpu": "[1, inf)",
-              "epochs": "[1, inf)", "epoch_length": "[1, inf)", "global_crops_scale": "(0, 1]",
-              "local_crops_scale": "(0, 1]", "local_crops_number": "[0, inf)", "global_crops_size": "[1, inf)",
-              "local_crops_size": "[1, inf)", "num_workers": "[0, inf)", "saveckp_freq": "[0, inf)",
-              "saveckp_every": "[0, inf)", "seed": "[0, inf)", "log_every": "[1, inf)",
-              "interpolate_offset": "[0, 1)",
-              # this method's own
-              "eps": "(0, inf)", "cov_group_size": "[1, inf)",
-              "layerscale": "[0, inf)", "layerwise_decay": "(0, 1]", "patch_embed_lr_mult": "[0, inf)",
-              "mask_probability": "[0, 1]", "mask_ratio": "[0, 1]"}
-    for name, interval in ranges.items():
-        value = getattr(args, name)
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        if any(v != "auto" and not in_interval(v, interval) for v in values):
-            fail(f"--{name} {' '.join(map(str, values))} is out of range: valid values lie in {interval}")
-    for name in ("global_crops_scale", "local_crops_scale"):
-        if getattr(args, name)[0] > getattr(args, name)[1]:
-            fail(f"--{name} {getattr(args, name)[0]} {getattr(args, name)[1]} must be given as min max")
-    for name in ("global_crops_size", "local_crops_size"):
-        if getattr(args, name) % args.patch_size:
-            fail(f"--{name} {getattr(args, name)} is not divisible by --patch_size {args.patch_size}: "
-                 f"use a multiple of {args.patch_size}")
+    check_shared_args(args)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if args.cov_group_size == "auto":
         args.cov_group_size = default_cov_group_size(args.batch_size_per_gpu, 128, world_size)
@@ -707,158 +957,6 @@ def check_args(args):
             fail(f"--gamma '{args.gamma}' is neither 'released' nor a number")
         if not in_interval(gamma, "[0, inf)"):
             fail(f"--gamma {args.gamma} is out of range: valid values lie in [0, inf), or 'released'")
-
-
-def train(args):
-    rank, world_size, device = init_distributed()
-    check_args(args)                                                  # nothing is written before the run trains
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    RUN.update(rank=rank, path=ckpt_path)
-    if args.resume is None and os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output_dir")
-    seed_all(args.seed)
-    use_cuda = device.type == "cuda"
-    bf16 = use_cuda and args.bf16
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
-
-    # ---- data: 2 global + local_crops_number local crops of every image
-    transform = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                      args.global_crops_size, args.local_crops_size, args.photometric)
-    dataset = build_dataset(args.data, transform, "train", args.on_bad_image)
-    grid = args.global_crops_size // args.patch_size                              # masks are drawn in the workers
-    collate = functools.partial(collate_multicrop, mask_generator=BlockMaskGenerator(grid),
-                                mask_ratio=args.mask_ratio, mask_probability=args.mask_probability)
-    iters_per_pass = len(dataset) // world_size // args.batch_size_per_gpu       # the last partial batch dropped
-    global_batch = args.batch_size_per_gpu * world_size
-    if iters_per_pass == 0:
-        fail(f"{len(dataset)} images are fewer than one global batch of {global_batch}: lower --batch_size_per_gpu")
-    iters_per_epoch = iters_per_pass if args.epoch_length == "auto" else args.epoch_length
-    total_iters = args.epochs * iters_per_epoch
-
-    # ---- student, teacher, optimiser
-    student, teacher = build_networks(args)
-    if args.pretrained_weights:
-        load_pretrained(args.pretrained_weights, student, teacher)    # backbones only: the heads start fresh
-    student, teacher = student.to(device), teacher.to(device)
-    model = distribute(student, teacher, args, world_size, bf16)
-    optimizer = torch.optim.AdamW(param_groups(student, args.layerwise_decay, args.patch_embed_lr_mult), lr=0.0,
-                                  fused=use_cuda)
-    gamma = released_gamma(args.proj_dim, global_batch) if args.gamma == "released" else float(args.gamma)
-    cov_group = coding_rate_group(args.cov_group_size, args.batch_size_per_gpu)   # None: groups fit in a process
-
-    # ---- per-iteration schedules, as in the released recipe
-    lr_schedule = cosine_schedule(args.lr * math.sqrt(global_batch / 1024), args.min_lr, args.epochs, iters_per_epoch,
-                                  args.warmup_epochs, args.min_lr)   # square-root scaling; warm-up from min_lr, as released
-    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
-    momentum_schedule = cosine_schedule(args.momentum_teacher, args.final_momentum_teacher, args.epochs,
-                                        iters_per_epoch)
-
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    start_it = 0
-    if args.resume:
-        ckpt = load_training_state(ckpt_path if args.resume == "auto" else args.resume, student, teacher,
-                                   optimizer)
-        start_it = ckpt["iteration"]
-        del ckpt
-    if start_it >= total_iters:
-        fail(f"--resume: the checkpoint is at iteration {start_it}, the end of a run of {args.epochs} epochs of "
-             f"{iters_per_epoch} iterations: nothing to train (raise --epochs to train on)")
-    loader = torch.utils.data.DataLoader(
-        SeededViews(dataset, args.seed), num_workers=args.num_workers, pin_memory=use_cuda, worker_init_fn=worker_init,
-        batch_sampler=RunSampler(len(dataset), args.batch_size_per_gpu, rank, world_size, args.seed, start_it, total_iters),
-        collate_fn=functools.partial(seeded_collate, collate=collate, seed=args.seed))
-    if rank == 0:
-        span = args.cov_group_size // args.batch_size_per_gpu             # processes per coding-rate group
-        print(f"SimDINOv2 {args.arch}/{args.patch_size}: {len(dataset)} images, {world_size} process(es), global batch "
-              f"{global_batch}, gamma {gamma:.4g}, eps {args.eps:.4g}, coding rate on groups of {args.cov_group_size}"
-              f"{f' spanning {span} processes' if span > 1 else ''}, {args.epochs} epochs of {iters_per_epoch} iterations, from iteration {start_it}", flush=True)
-        if args.warmup_epochs >= args.epochs:
-            print(f"note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning rate rises "
-                  f"for the whole run, never reaching its peak nor decaying; lower --warmup_epochs", flush=True)
-    log = open_log(args.output_dir, start_it) if rank == 0 else None
-
-    batches = iter(loader)                                  # one stream of batches for the whole run (RunSampler)
-    for epoch in range(start_it // iters_per_epoch, args.epochs):
-        first = max(start_it - epoch * iters_per_epoch, 0)      # a resumed run may start mid-epoch
-        bad = torch.zeros((), device=device)                    # non-finite losses so far, checked without a sync per step
-        t0, done = time.time(), 0
-        bar = tqdm(itertools.islice(batches, iters_per_epoch - first), desc=f"epoch {epoch}", total=iters_per_epoch,
-                   initial=first, disable=rank != 0, dynamic_ncols=True)
-        for i, batch in enumerate(bar, first):
-            it = epoch * iters_per_epoch + i
-            seed_all(args.seed + 1 + it * world_size + rank)   # drop path: a function of the iteration, as on resume
-            RUN["iteration"] = it
-            for g in optimizer.param_groups:
-                g["lr"], g["weight_decay"] = lr_schedule[it] * g["lr_mult"], wd_schedule[it] * g["wd_mult"]
-
-            m = batch["masks"]                                              # (M_glo*B, N) bool: patches to mask
-            idx = m.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # (n_masked,) found on CPU: no sync
-            w = patch_weights(m).to(device, non_blocking=True)              # (n_masked,)
-            m = m.to(device, non_blocking=True)
-            xg = batch["xg"].to(device, non_blocking=True)                  # (M_glo, B, 3, G, G) global views
-            xl = batch["xl"].to(device, non_blocking=True)                  # (M_loc, B, 3, L, L) local views
-            xg, xl = transform.on_device(xg, xl)                            # uint8 -> float views: --photometric, normalised
-            with autocast:
-                # the student sees xmg: xg with the patches in m swapped for the mask token (inside the ViT)
-                zsg, Zsg, zsl = model(xg, idx, m, xl)                       # (M_glo, B, d), (n_masked, d), (M_loc, B, d)
-                with torch.no_grad():
-                    ztg, Ztg = teacher(xg, idx)                             # (M_glo, B, d), (n_masked, d) unmasked views
-                # (Algorithm 2's Zsl, the local views' patch features, enters no loss term: not computed)
-                loss, dist_term, patch_term, R_mean = simdinov2_loss(
-                    zsg, zsl, ztg, Zsg, Ztg, w, args.eps, gamma, args.cov_group_size, args.same_view_pairs,
-                    args.coding_rate_on, args.distance, args.loss_weighting, cov_group)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad:
-                clip_gradients(student, args.clip_grad)
-            optimizer.step()
-            with torch.no_grad():                                           # teacher <- EMA of the student
-                momentum = momentum_schedule[it]
-                torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - momentum)
-            bad += ~torch.isfinite(loss)
-            done += 1
-            if it == start_it:
-                t_first = time.time()                                       # the first step warms up: time the second
-            elif it == start_it + 1 and rank == 0 and device.type == "cpu":
-                note_cpu_hours(time.time() - t_first, total_iters - it - 1)
-
-            if (i + 1) % args.log_every == 0 or i + 1 == iters_per_epoch:
-                stats = torch.stack([loss.detach().float(), dist_term, patch_term, R_mean.float(), bad.float()])
-                if world_size > 1:
-                    dist.all_reduce(stats)
-                    stats[:4] /= world_size
-                loss_v, dist_v, patch_v, R_v, bad_v = stats.tolist()
-                if bad_v > 0:
-                    fail(f"loss is not finite at iteration {it} (epoch {epoch}): stopping. The last good checkpoint "
-                         f"is {ckpt_path}; resume it with --resume and a lower --lr or a larger --eps")
-                ips = done * global_batch / (time.time() - t0)
-                record = {"iteration": it, "epoch": epoch, "time": time.time(), "loss": loss_v, "distance": dist_v, "patch_distance": patch_v,
-                          "R_eps": R_v, "lr": lr_schedule[it], "wd": wd_schedule[it], "momentum": momentum, "images_per_s": ips,
-                          "skipped_images": getattr(dataset, "num_skipped", 0)}
-                if rank == 0:
-                    bar.set_postfix(loss=f"{loss_v:.4f}", dist=f"{dist_v:.4f}", patch=f"{patch_v:.4f}", R=f"{R_v:.2f}",
-                                    lr=f"{lr_schedule[it]:.2e}", img_s=f"{ips:.0f}")
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-
-            # ---- checkpoint at epoch ends and every --saveckp_every iterations (every process takes part in
-            # gathering the full state dicts)
-            if i + 1 == iters_per_epoch or (args.saveckp_every and (it + 1) % args.saveckp_every == 0):
-                state = {"student": get_model_state_dict(student, options=full),
-                         "teacher": get_model_state_dict(teacher, options=full),
-                         "optimizer": get_optimizer_state_dict(student, optimizer, options=full),
-                         "epoch": (it + 1) // iters_per_epoch, "iteration": it + 1, "args": vars(args)}
-                if rank == 0:
-                    save_checkpoint(state, ckpt_path)
-                    RUN["checkpoint"] = it + 1
-                    if i + 1 == iters_per_epoch and args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                        save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04d}.pth"))
-                del state
-    if rank == 0:
-        log.close()
-        print(f"done: teacher weights in {ckpt_path} (load with vit.vit_from_checkpoint)")
-    if world_size > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

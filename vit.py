@@ -152,7 +152,8 @@ class VisionTransformer(nn.Module):
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))  # CLS + patches, no registers
-        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
+                                if num_register_tokens else None)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         # stochastic depth: rising linearly to drop_path_rate over the blocks (DINO), or the same in all (DINOv2)
         dpr = [drop_path_rate if drop_path_uniform else drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
@@ -300,8 +301,9 @@ def backbone_state_dict(checkpoint, which="teacher"):
 
 
 def describe(model):
+    layerscale = "on" if isinstance(model.blocks[0].ls1, LayerScale) else "off"
     return (f"ViT width {model.embed_dim}, depth {len(model.blocks)}, patch {model.patch_size}, "
-            f"{model.num_register_tokens} registers, layerscale {'on' if isinstance(model.blocks[0].ls1, LayerScale) else 'off'}")
+            f"{model.num_register_tokens} registers, layerscale {layerscale}")
 
 
 def load_state_dict(model, sd):
@@ -323,10 +325,12 @@ def load_state_dict(model, sd):
                                                model.interpolate_antialias)
     missing = [k for k in own if k not in sd and k != "mask_token"]
     unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         parts = [f"{name} {lst[:3]}{' ...' if len(lst) > 3 else ''}"
-                 for name, lst in (("missing", missing), ("unexpected", unexpected), ("shape (checkpoint vs model)", wrong)) if lst]
+                 for name, lst in (("missing", missing), ("unexpected", unexpected),
+                                   ("shape (checkpoint vs model)", wrong)) if lst]
         raise CheckpointError(f"checkpoint does not fit the model ({describe(model)}): {'; '.join(parts)}; "
                               f"build the model with the checkpoint's architecture (or use vit_from_checkpoint)")
     model.load_state_dict(sd, strict=False)
@@ -363,11 +367,13 @@ def read_checkpoint(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist: pass the path of a .pth file") from None
     except pickle.UnpicklingError as e:
         if not any(s in str(e) for s in REFUSED):   # not a pickle of allowed objects: not a checkpoint at all
-            raise CheckpointError(f"checkpoint '{path}' could not be read (UnpicklingError): is it a PyTorch .pth file?") from None
+            raise CheckpointError(f"checkpoint '{path}' could not be read (UnpicklingError): is it a PyTorch .pth "
+                                  f"file?") from None
         raise CheckpointError(f"checkpoint '{path}' holds Python objects beyond tensors, which are not loaded: if you "
                               f"trust it, torch.load(path, weights_only=False) it yourself and pass the dict") from None
     except Exception as e:
-        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(e).__name__}): is it a PyTorch .pth file?") from None
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(e).__name__}): is it a PyTorch .pth "
+                              f"file?") from None
 
 
 def load_checkpoint(model, checkpoint, which="teacher"):

@@ -9,13 +9,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = ("simdino.py", "dino.py", "simdinov2.py", "dinov2.py")
 SHARED = {
-    # the recipe and the distributed step
-    "cosine_schedule": ALL, "grad_norms": ALL, "init_distributed": ALL, "distribute": ALL,
-    # the run machinery
-    "int_or_auto": ALL, "HelpFormatter": ALL, "seed_all": ALL, "save_checkpoint": ALL, "stream_seed": ALL,
-    "RunSampler": ALL, "SeededViews": ALL, "seeded_collate": ALL, "worker_init": ALL, "stop_on_signals": ALL,
-    "open_log": ALL, "note_cpu_hours": ALL, "load_optimizer_state": ALL, "load_training_state": ALL,
-    "load_pretrained": ALL, "fail": ALL, "in_interval": ALL,
+    # the recipe
+    "cosine_schedule": ALL, "grad_norms": ALL, "update_teacher": ALL,
+    # the run machinery, under the banner that says it is the same in the four files
+    "start_run": ALL, "run_length": ALL, "run_loader": ALL, "init_distributed": ALL, "distribute": ALL,
+    "seed_all": ALL, "stream_seed": ALL, "RunSampler": ALL, "SeededViews": ALL, "seeded_collate": ALL,
+    "worker_init": ALL, "stop_on_signals": ALL, "Progress": ALL, "open_log": ALL, "note_cpu_hours": ALL,
+    "save_training_state": ALL, "save_checkpoint": ALL, "resume_run": ALL, "load_training_state": ALL,
+    "load_optimizer_state": ALL, "load_pretrained": ALL, "fail": ALL, "HelpFormatter": ALL, "Ranged": ALL,
+    "int_or_auto": ALL, "add_run_flags": ALL, "check_shared_args": ALL, "in_interval": ALL,
     # within a family: DINO's recipe in both v1 files, DINOv2's in both v2 files, the coding rate in both Sim files
     "Network": ("simdino.py", "dino.py"), "param_groups": ("simdino.py", "dino.py"),
     "clip_gradients": ("simdino.py", "dino.py"), "clip_parts": ("simdinov2.py", "dinov2.py"),
@@ -42,3 +44,27 @@ def test_shared_definition_is_identical(name):
     first = SHARED[name][0]
     for f, src in sources.items():
         assert src == sources[first], f"{name} differs between {first} and {f}: make them the same, or list why"
+
+
+def machinery(name):
+    """The text of a method file from the run machinery's banner to its own flags."""
+    with open(os.path.join(ROOT, name)) as f:
+        src = f.read()
+    start, end = src.index("# The run machinery."), src.index("- this method's flags\n")
+    assert start < end, f"{name}: the run machinery must come before the method's flags"
+    return src[start:end]
+
+
+def test_the_run_machinery_block_is_the_same_text_in_every_method_file():
+    """The banner's promise: everything from it to the method's flags can be skipped, because it is one text."""
+    texts = {f: machinery(f) for f in ALL}
+    for f, text in texts.items():
+        assert text == texts[ALL[0]], f"the run machinery of {f} differs from {ALL[0]}'s"
+    assert "def Progress" not in texts[ALL[0]] and "class Progress" in texts[ALL[0]]   # the block is the real one
+
+
+def test_method_files_have_no_line_over_120_columns():
+    for name in ALL:
+        with open(os.path.join(ROOT, name)) as f:
+            long = [i + 1 for i, line in enumerate(f) if len(line.rstrip("\n")) > 120]
+        assert not long, f"{name}: lines {long} are longer than 120 columns"
