@@ -25,7 +25,8 @@ SHARED = {
     "coding_rate": ("simdino.py", "simdinov2.py"), "released_gamma": ("simdino.py", "simdinov2.py"),
     "coding_rate_group": ("simdino.py", "simdinov2.py"), "default_cov_group_size": ("simdino.py", "simdinov2.py"),
 }
-# Deliberate differences, with their reasons: each method's own model, loss, recipe, train() and flags;
+# Deliberate differences, with their reasons: each method's own model, loss, recipe, train() and flags
+# (build_parser, and check_args for the checks no single flag's range expresses);
 # clip_gradients of the v2 files (DINOv2 clips each head on its own: one head in SimDINOv2, two in DINOv2);
 # the v2 files' param_groups (DINOv2's layer-wise decay, and its prototype layers' group for the frozen epoch).
 
