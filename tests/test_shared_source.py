@@ -2,6 +2,7 @@
 identical: every definition listed here has the same source, to the character, in the files named with it,
 so that `diff -u dino.py simdino.py` shows only what the methods change."""
 import ast
+import functools
 import os
 
 import pytest
@@ -31,6 +32,7 @@ SHARED = {
 # the v2 files' param_groups (DINOv2's layer-wise decay, and its prototype layers' group for the frozen epoch).
 
 
+@functools.lru_cache(maxsize=None)   # each file parsed once, not once per definition
 def definitions(name):
     with open(os.path.join(ROOT, name)) as f:
         src = f.read()
