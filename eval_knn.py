@@ -16,6 +16,7 @@ Top-1 and top-5 accuracy are reported for k = 10, 20, 100, 200 in one run (paper
         --resize_size 36 --crop_size 32 --compare_init                            # trained vs. the same net at init
     python eval_knn.py --checkpoint out/dinov2/checkpoint.pth --compare_init --init_layerscale 0.1   # DINOv2 (below)
     python eval_knn.py --raw_pixels --data data/cifar10 --resize_size 32 --crop_size 32          # no network at all
+    python eval_knn.py --checkpoint out/simdino/checkpoint000[1-4].pth     # a run's curve: the images decoded once
 
 Two floors put a trained network's figure in context. --compare_init: the same architecture freshly initialised,
 with the run's own seed. DINOv2 starts its residual branches at layerscale 1e-5, so its fresh network gives every
@@ -61,10 +62,11 @@ def add_init_layerscale_arg(p):
 def get_args(argv=None):
     p = argparse.ArgumentParser("eval_knn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Backbone
-    p.add_argument("--checkpoint", default=None,
-                   help="""Checkpoint to evaluate: one of this project's training checkpoints, a bare ViT state dict,
-                   or the authors' released DINO / DINOv2 / SimDINO / SimDINOv2 files. The architecture (width, depth,
-                   patch size, registers, layerscale) is read off the weights.""")
+    p.add_argument("--checkpoint", default=None, nargs="+", metavar="PATH",
+                   help="""Checkpoint(s) to evaluate: this project's training checkpoints, bare ViT state dicts, or the
+                   authors' released DINO / DINOv2 / SimDINO / SimDINOv2 files. The architecture (width, depth, patch
+                   size, registers, layerscale) is read off the weights. Several (a run's epochs, several runs) are
+                   evaluated one after the other on images decoded once (--cache_gb), each to its own JSON file.""")
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
                    help="Which network of a training checkpoint to evaluate (DINO's eval_knn: teacher).")
     add_interpolation_args(p)
@@ -93,6 +95,11 @@ def get_args(argv=None):
                    help="Side of the centre crop (Appendix A and DINO: 224); a multiple of the patch size. Synthetic: 32.")
     p.add_argument("--on_bad_image", default="skip", choices=["skip", "stop"],
                    help="An unreadable or truncated image is skipped and counted, or stops the run.")
+    p.add_argument("--cache_gb", default=4.0, type=float,
+                   help="""When several networks are evaluated (several --checkpoint, or --compare_init), the images are
+                   decoded and transformed once and kept in memory, if train + val take at most this many GB as
+                   float32 (CIFAR-10 at 32 px: 0.74 GB; ImageNet at 224 px: 770 GB, so never). The features are
+                   the same either way; 0: decode again for each network.""")
     # k-NN
     p.add_argument("--nb_knn", default=[10, 20, 100, 200], type=int, nargs="+",
                    help="Numbers of neighbours k, all reported in one run (DINO: 10 20 100 200; k=20 is the one quoted).")
@@ -189,22 +196,51 @@ def gather_in_order(local, n_total, world_size):
     return out
 
 
+class Decoded:
+    """A dataset whose images were decoded and transformed once, kept as this process's batches: extract_features
+    reads them back for each network instead of decoding again."""
+
+    def __init__(self, dataset, batches, rank, world_size):
+        self.batches, self.classes = batches, dataset.classes
+        self.rank, self.world_size, self.length = rank, world_size, len(dataset)
+
+    def __len__(self):
+        return self.length
+
+
+def share_batches(dataset, device, batch_size=128, num_workers=0, rank=0, world_size=1):
+    """The (images, labels) batches of this process's share: every world_size-th image from rank, in order."""
+    if len(dataset) < world_size:
+        raise DataError(f"{len(dataset)} images are fewer than the {world_size} processes: use fewer processes")
+    if isinstance(dataset, Decoded):
+        assert (dataset.rank, dataset.world_size) == (rank, world_size), "decoded for another process"
+        return dataset.batches
+    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    return torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=num_workers,
+                                       pin_memory=device.type == "cuda")
+
+
+def decode_once(dataset, device, batch_size=128, num_workers=0, rank=0, world_size=1):
+    """dataset -> Decoded: its share's batches read once (on the CPU, pinned for a GPU)."""
+    batches = []
+    for x, y in tqdm(share_batches(dataset, device, batch_size, num_workers, rank, world_size), desc="decoding",
+                     disable=rank != 0, dynamic_ncols=True):
+        batches.append((x, torch.as_tensor(y)))
+    return Decoded(dataset, batches, rank, world_size)
+
+
 @torch.no_grad()
 def extract_features(model, dataset, device, batch_size=128, num_workers=0, rank=0, world_size=1, bf16=True):
     """Backbone features of a whole dataset: (N, D) float32 and (N,) labels, row i from dataset[i], on every rank.
 
     Each process takes every world_size-th image (no padding duplicates, unlike DistributedSampler); the
-    shares are gathered back in dataset order.
+    shares are gathered back in dataset order. `dataset` may be decode_once's output: the same images, read once.
     """
-    if len(dataset) < world_size:
-        raise DataError(f"{len(dataset)} images are fewer than the {world_size} processes: use fewer processes")
     model.eval()
-    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+    batches = share_batches(dataset, device, batch_size, num_workers, rank, world_size)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16)
     features, labels = [], []
-    for x, y in tqdm(loader, desc="features", disable=rank != 0, dynamic_ncols=True):
+    for x, y in tqdm(batches, desc="features", disable=rank != 0, dynamic_ncols=True):
         with autocast:
             features.append(model(x.to(device, non_blocking=True)).float())        # (B, D)
         labels.append(torch.as_tensor(y).to(device, non_blocking=True))            # (B,) pinned: no sync
@@ -352,14 +388,17 @@ def build_splits(args, train_transform, val_transform):
     return train_set, val_set
 
 
-def default_json(args, suffix):
+def default_json(args, suffix, checkpoint=None):
+    """--output_json, else <output_dir or the checkpoint's folder>/<checkpoint name>_<suffix>.json (checkpoint:
+    the one evaluated, default args.checkpoint)."""
     if args.output_json:
         return args.output_json
     if getattr(args, "raw_pixels", False):                                       # no checkpoint to sit next to
         return os.path.join(args.output_dir or ".", f"raw_pixels_{suffix}.json")
+    checkpoint = checkpoint or args.checkpoint
     folder = args.output_dir or (args.load_features if getattr(args, "load_features", None) else None) \
-        or os.path.dirname(os.path.abspath(args.checkpoint))
-    stem = os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint else "features"
+        or os.path.dirname(os.path.abspath(checkpoint))
+    stem = os.path.splitext(os.path.basename(checkpoint))[0] if checkpoint else "features"
     key = "" if args.checkpoint_key == "teacher" else f"_{args.checkpoint_key}"
     return os.path.join(folder, f"{stem}{key}_{suffix}.json")
 
@@ -381,6 +420,15 @@ def check_args(args):
                 fail(f"--raw_pixels evaluates the pixels themselves, without a network: drop {flag}")
     elif args.checkpoint is None and args.load_features is None:
         fail("pass --checkpoint PATH (a training checkpoint or a released backbone), or --load_features DIR")
+    if args.checkpoint and args.load_features:
+        fail("--load_features evaluates saved features, without a network: drop --checkpoint")
+    if args.checkpoint and len(args.checkpoint) > 1:
+        for flag, given in (("--output_json", args.output_json), ("--save_features", args.save_features)):
+            if given:
+                fail(f"{flag} names one file or folder, but {len(args.checkpoint)} checkpoints are evaluated: "
+                     f"drop {flag} (each checkpoint's JSON goes beside it, or to --output_dir) or pass one checkpoint")
+        if len(set(args.checkpoint)) < len(args.checkpoint):
+            fail("--checkpoint: a file is named twice; each is evaluated once")
     if args.load_features and args.compare_init:
         fail("--compare_init needs the backbone: it cannot be combined with --load_features")
     check_init_layerscale(args)
@@ -389,6 +437,8 @@ def check_args(args):
     for name in ("temperature", "chunk_size", "batch_size_per_gpu", "resize_size", "crop_size"):
         if getattr(args, name) <= 0:
             fail(f"--{name} {getattr(args, name)} must be positive")
+    if not args.cache_gb >= 0:
+        fail(f"--cache_gb {args.cache_gb:g} must be >= 0 (0: decode the images again for each network)")
     if args.crop_size > args.resize_size:
         fail(f"--crop_size {args.crop_size} is larger than --resize_size {args.resize_size}: the centre crop would pad "
              f"the image; use e.g. --resize_size {math.ceil(args.crop_size * 256 / 224)}")
@@ -432,12 +482,29 @@ NEAR_IDENTICAL = ("every image's feature is nearly the same (all cosine similari
                   "the k-NN vote is decided by float32 rounding, not a measure of the images")
 
 
+def data_info(args, train_set, val_set):
+    return {"data": args.data, "resize_size": args.resize_size, "crop_size": args.crop_size,
+            "skipped_images": getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0)}
+
+
+def cached_splits(args, splits, n_networks, rank, world_size, device):
+    """The two splits decoded once (decode_once) when n_networks > 1 read them and they fit in --cache_gb."""
+    gb = sum(len(s) for s in splits) * 3 * args.crop_size ** 2 * 4 / world_size / 1e9
+    if n_networks < 2 or gb > args.cache_gb:
+        if n_networks > 1 and rank == 0:
+            print(f"note: the images ({gb:.1f} GB per process as float32) exceed --cache_gb {args.cache_gb:g}: "
+                  f"decoded again for each of the {n_networks} networks")
+        return splits
+    return [decode_once(s, device, args.batch_size_per_gpu, args.num_workers, rank, world_size) for s in splits]
+
+
 def main(args):
     rank, world_size, device = init_distributed()
     check_args(args)
     if args.load_features:
         path, feats = load_saved_features(args.load_features)
-        info, runs = {"features": path}, [("checkpoint", f"features from {path}", feats)]
+        report(args, {"features": path}, [("checkpoint", f"features from {path}", feats)], default_json(args, "knn"),
+               rank, device)
     elif args.raw_pixels:
         transform = eval_transform(args.resize_size, args.crop_size)
         train_set, val_set = build_splits(args, transform, transform)
@@ -446,60 +513,79 @@ def main(args):
         runs = [("checkpoint", name, extract_splits(torch.nn.Flatten(), train_set, val_set, args, rank, world_size,
                                                     device))]
         info = {"floor": "raw-pixel floor: k-NN on the normalised pixels, no network", "features": "raw_pixels",
-                "feature_dim": dim, "checkpoint": None, "backbone": None,
-                "data": args.data, "resize_size": args.resize_size, "crop_size": args.crop_size,
-                "skipped_images": getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0)}
+                "feature_dim": dim, "checkpoint": None, "backbone": None, **data_info(args, train_set, val_set)}
+        report(args, info, runs, default_json(args, "knn"), rank, device)
     else:
-        model, ckpt_args = load_backbone(args.checkpoint, args.checkpoint_key, args.interpolate_offset,
-                                         args.interpolate_antialias)
+        evaluate_checkpoints(args, rank, world_size, device)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def evaluate_checkpoints(args, rank, world_size, device):
+    """Each --checkpoint (and its --compare_init floor) on the same images, read once; one JSON file per checkpoint.
+
+    Every checkpoint is loaded and checked before any image is read, so a wrong one fails at once. A floor shared by
+    several checkpoints (the same architecture, seed and layerscale: one run's epochs) is computed once."""
+    models = []
+    for path in args.checkpoint:
+        model, ckpt_args = load_backbone(path, args.checkpoint_key, args.interpolate_offset, args.interpolate_antialias)
         check_crop(args, model)
         check_init_layerscale(args, model)
-        transform = eval_transform(args.resize_size, args.crop_size)
-        train_set, val_set = build_splits(args, transform, transform)
-        name = f"{arch_name(model)} {args.checkpoint_key}, {args.checkpoint}"
+        models.append((path, model, ckpt_args))
+    floors = {init_floor(model, *init_settings(args, ckpt_args))[0] for _, model, ckpt_args in models}
+    n_networks = len(models) + (len(floors) if args.compare_init else 0)
+    transform = eval_transform(args.resize_size, args.crop_size)
+    train_set, val_set = cached_splits(args, build_splits(args, transform, transform), n_networks, rank,
+                                       world_size, device)
+    floor_features = {}
+    for path, model, ckpt_args in models:
+        name = f"{arch_name(model)} {args.checkpoint_key}, {path}"
         runs = [("checkpoint", name, extract_splits(model, train_set, val_set, args, rank, world_size, device))]
         if args.compare_init:
             seed, ls, source = init_settings(args, ckpt_args)
             init_name, fields = init_floor(model, seed, ls, source)
-            twin = random_twin(model, seed, ls)
-            runs.append(("init", init_name,
-                         {**fields, **extract_splits(twin, train_set, val_set, args, rank, world_size, device)}))
+            if init_name not in floor_features:
+                twin = random_twin(model, seed, ls)
+                floor_features[init_name] = {**fields, **extract_splits(twin, train_set, val_set, args, rank,
+                                                                        world_size, device)}
+            runs.append(("init", init_name, floor_features[init_name]))
         if args.save_features and rank == 0:
             os.makedirs(args.save_features, exist_ok=True)
             for label, _, feats in runs:
                 fname = "knn_features.pth" if label == "checkpoint" else f"knn_features_{label}.pth"
                 torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in feats.items()},
                            os.path.join(args.save_features, fname))
-        info = {"checkpoint": args.checkpoint, "checkpoint_key": args.checkpoint_key, "backbone": arch_name(model),
-                "data": args.data, "resize_size": args.resize_size, "crop_size": args.crop_size,
-                "skipped_images": getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0)}
+        info = {"checkpoint": path, "checkpoint_key": args.checkpoint_key, "backbone": arch_name(model),
+                **data_info(args, train_set, val_set)}
+        report(args, info, runs, default_json(args, "knn", path), rank, device)
 
-    if rank == 0:
-        result = {**info, "temperature": args.temperature, "nb_knn": args.nb_knn}
-        n_train = len(runs[0][2]["train_features"])
-        if max(args.nb_knn) > n_train:
-            print(f"note: k > {n_train} (the number of train images) is clamped to {n_train}")
-        for label, name, feats in runs:
-            accs = knn_classify(feats["train_features"].to(device), feats["train_labels"].to(device),
-                                feats["test_features"].to(device), feats["test_labels"].to(device),
-                                args.nb_knn, args.temperature, feats["num_classes"], args.chunk_size)
-            print(result_line(name, accs))
-            entry = {"num_train": n_train, "num_val": len(feats["test_features"]), "num_classes": feats["num_classes"],
-                     "knn": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in accs.items()}}
-            if near_identical(feats["test_features"]):
-                fix = "; --init_layerscale 0.1 gives a floor that is not" if "layerscale" in feats else ""
-                print(f"note ({name}): {NEAR_IDENTICAL}{fix}")
-                entry["note"] = NEAR_IDENTICAL
-            if label == "checkpoint":
-                result.update(entry)
-            else:
-                result[label] = {k: feats[k] for k in ("seed", "floor", "layerscale", "layerscale_from") if k in feats}
-                result[label].update(entry)
-        path = default_json(args, "knn")
-        write_json(result, path)
-        print(f"written to {path}")
-    if world_size > 1:
-        dist.destroy_process_group()
+
+def report(args, info, runs, path, rank, device):
+    """k-NN of each (label, name, features) of runs, printed and written to path as JSON (on rank 0)."""
+    if rank != 0:
+        return
+    result = {**info, "temperature": args.temperature, "nb_knn": args.nb_knn}
+    n_train = len(runs[0][2]["train_features"])
+    if max(args.nb_knn) > n_train:
+        print(f"note: k > {n_train} (the number of train images) is clamped to {n_train}")
+    for label, name, feats in runs:
+        accs = knn_classify(feats["train_features"].to(device), feats["train_labels"].to(device),
+                            feats["test_features"].to(device), feats["test_labels"].to(device),
+                            args.nb_knn, args.temperature, feats["num_classes"], args.chunk_size)
+        print(result_line(name, accs))
+        entry = {"num_train": n_train, "num_val": len(feats["test_features"]), "num_classes": feats["num_classes"],
+                 "knn": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in accs.items()}}
+        if near_identical(feats["test_features"]):
+            fix = "; --init_layerscale 0.1 gives a floor that is not" if "layerscale" in feats else ""
+            print(f"note ({name}): {NEAR_IDENTICAL}{fix}")
+            entry["note"] = NEAR_IDENTICAL
+        if label == "checkpoint":
+            result.update(entry)
+        else:
+            result[label] = {k: feats[k] for k in ("seed", "floor", "layerscale", "layerscale_from") if k in feats}
+            result[label].update(entry)
+    write_json(result, path)
+    print(f"written to {path}")
 
 
 def cli(argv=None):

@@ -63,10 +63,14 @@ for stage in $STAGES; do
         --data "$data" --output_dir "$out" ;;
     knn)  # the last checkpoint, and the same network at initialisation
       run $PYTHON eval_knn.py --checkpoint "$last" "${evaluation[@]}" --nb_knn 10 20 100 200 --compare_init ;;
-    knn_curve)  # the earlier epochs' checkpoints, for the k-NN curve of plot_runs.py
+    knn_curve)  # the earlier epochs' checkpoints, for the k-NN curve of plot_runs.py: one call, images decoded once
+      earlier=()
       for ckpt in "$out"/checkpoint[0-9][0-9][0-9][0-9].pth; do
-        if [ "$ckpt" != "$last" ]; then run $PYTHON eval_knn.py --checkpoint "$ckpt" "${evaluation[@]}" --nb_knn 10 20 100 200; fi
-      done ;;
+        if [ "$ckpt" != "$last" ]; then earlier+=("$ckpt"); fi
+      done
+      if [ ${#earlier[@]} -gt 0 ]; then
+        run $PYTHON eval_knn.py --checkpoint "${earlier[@]}" "${evaluation[@]}" --nb_knn 10 20 100 200
+      fi ;;
     linear)
       run $PYTHON eval_linear.py --checkpoint "$last" "${evaluation[@]}" \
         --epochs "$LINEAR_EPOCHS" --output_json "$out/linear.json" ;;

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+import data
 import eval_knn
 import vit
 from PIL import Image
@@ -419,6 +420,35 @@ def test_main_end_to_end_with_compare_init_and_saved_features(layouts, tmp_path,
     assert init["train_features"].shape == (30, 192) and init["test_labels"].tolist() == [i % 10 for i in range(30)]
 
 
+def test_several_checkpoints_read_the_images_once_and_equal_one_at_a_time(tmp_path, monkeypatch, capsys):
+    """Two checkpoints of one run (seed 0) and their shared --compare_init floor: 3 networks, each image decoded
+    once; every JSON file equals the one a run of its checkpoint alone writes; --cache_gb 0 decodes per network."""
+    paths = []
+    for seed in (0, 1):
+        paths.append(str(tmp_path / f"checkpoint000{seed + 1}.pth"))
+        torch.save({"teacher": {f"backbone.{k}": v for k, v in tiny(seed).state_dict().items()},
+                    "args": {"seed": 0}}, paths[-1])
+    alone, KS = [], ["--nb_knn", "1", "2", "5"]                         # small k: the two networks' figures differ
+    for i, path in enumerate(paths):
+        out = tmp_path / f"alone{i}.json"
+        eval_knn.main(eval_knn.get_args(["--checkpoint", path, *SMALL, *KS, "--compare_init", "--output_json", str(out)]))
+        alone.append(json.loads(out.read_text()))
+    assert alone[0]["knn"] != alone[1]["knn"] and alone[0]["init"] == alone[1]["init"]
+    reads = []
+    read = data.SyntheticShapes.__getitem__
+    monkeypatch.setattr(data.SyntheticShapes, "__getitem__", lambda self, i: reads.append(i) or read(self, i))
+    for cache_gb, decodes in (("4", 1), ("0", 3)):
+        reads.clear()
+        capsys.readouterr()
+        eval_knn.main(eval_knn.get_args(["--checkpoint", *paths, *SMALL, *KS, "--compare_init", "--cache_gb", cache_gb]))
+        printed = capsys.readouterr().out
+        assert len(reads) == decodes * 60                               # 30 train + 30 val images per decoding
+        assert printed.count("random init, seed 0") == 2                # each file has its floor line
+        for path, expected in zip(paths, alone):
+            together = json.loads(open(path.replace(".pth", "_knn.json")).read())   # beside its checkpoint
+            assert together == expected
+
+
 def assert_clean_error(returncode, stderr, phrase):
     assert returncode != 0
     assert "Traceback" not in stderr, stderr
@@ -459,7 +489,8 @@ def split_trees(tmp_path):
 
 BAD_CASES = ["unknown size", "crop not divisible", "no checkpoint", "crop > resize", "one class", "val is train",
              "raw pixels with a checkpoint", "raw pixels with compare_init", "init_layerscale alone",
-             "init_layerscale without layerscale", "init_layerscale 0"]
+             "init_layerscale without layerscale", "init_layerscale 0", "two checkpoints, one JSON",
+             "a checkpoint twice", "the second checkpoint unknown", "cache_gb negative"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -485,7 +516,13 @@ def test_bad_input_in_process(case, layouts, dinov2_like, tmp_path, capsys):
                     "init_layerscale without layerscale": (["--checkpoint", good, *SMALL, "--compare_init",
                                                             "--init_layerscale", "0.1"], "blocks have no layerscale"),
                     "init_layerscale 0": (["--checkpoint", dinov2_like, *SMALL, "--compare_init",
-                                           "--init_layerscale", "0"], "must be positive")}[case]
+                                           "--init_layerscale", "0"], "must be positive"),
+                    "two checkpoints, one JSON": (["--checkpoint", good, dinov2_like, *SMALL, "--output_json", "x.json"],
+                                                  "--output_json names one file or folder, but 2 checkpoints"),
+                    "a checkpoint twice": (["--checkpoint", good, good, *SMALL], "a file is named twice"),
+                    "the second checkpoint unknown": (["--checkpoint", good, str(tmp_path / "odd.pth"), *SMALL],
+                                                      "width 64 and depth 2"),
+                    "cache_gb negative": (["--checkpoint", good, *SMALL, "--cache_gb", "-1"], "must be >= 0")}[case]
     with pytest.raises(SystemExit) as e:
         eval_knn.cli(argv)
     assert_clean_error(1, str(e.value.code), phrase)
