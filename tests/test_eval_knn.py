@@ -444,6 +444,7 @@ def test_several_checkpoints_read_the_images_once_and_equal_one_at_a_time(tmp_pa
         printed = capsys.readouterr().out
         assert len(reads) == decodes * 60                               # 30 train + 30 val images per decoding
         assert printed.count("random init, seed 0") == 2                # each file has its floor line
+        assert ("decoded again for each of the 3 networks" in printed) == (cache_gb == "0")
         for path, expected in zip(paths, alone):
             together = json.loads(open(path.replace(".pth", "_knn.json")).read())   # beside its checkpoint
             assert together == expected
