@@ -201,11 +201,15 @@ class Decoded:
     reads them back for each network instead of decoding again."""
 
     def __init__(self, dataset, batches, rank, world_size):
-        self.batches, self.classes = batches, dataset.classes
-        self.rank, self.world_size, self.length = rank, world_size, len(dataset)
+        self.dataset, self.batches, self.classes = dataset, batches, dataset.classes
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self):
-        return self.length
+        return len(self.dataset)
+
+    @property
+    def num_skipped(self):                                                      # unreadable images, for the JSON
+        return getattr(self.dataset, "num_skipped", 0)
 
 
 def share_batches(dataset, device, batch_size=128, num_workers=0, rank=0, world_size=1):

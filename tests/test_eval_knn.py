@@ -450,6 +450,17 @@ def test_several_checkpoints_read_the_images_once_and_equal_one_at_a_time(tmp_pa
             assert together == expected
 
 
+def test_decoded_images_keep_the_count_of_unreadable_ones(tmp_path):
+    write_tree(tmp_path / "train", np.zeros((4, 4, 4, 3), dtype=np.uint8), [0, 1, 0, 1])
+    (tmp_path / "train" / "a" / "broken.png").write_bytes(b"not an image")
+    images = data.build_dataset(str(tmp_path), eval_knn.eval_transform(4, 4), "train")
+    decoded = eval_knn.decode_once(images, torch.device("cpu"), batch_size=2)
+    assert len(decoded) == 5 and decoded.num_skipped == 1 and decoded.classes == ["a", "b"]
+    f, y = eval_knn.extract_features(nn.Flatten(), decoded, torch.device("cpu"), batch_size=2)
+    again = eval_knn.extract_features(nn.Flatten(), images, torch.device("cpu"), batch_size=2)
+    assert torch.equal(f, again[0]) and torch.equal(y, again[1])
+
+
 def assert_clean_error(returncode, stderr, phrase):
     assert returncode != 0
     assert "Traceback" not in stderr, stderr
