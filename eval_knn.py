@@ -530,26 +530,25 @@ def evaluate_checkpoints(args, rank, world_size, device):
 
     Every checkpoint is loaded and checked before any image is read, so a wrong one fails at once. A floor shared by
     several checkpoints (the same architecture, seed and layerscale: one run's epochs) is computed once."""
-    models = []
+    models = []                                                                 # (path, model, its floor or None)
     for path in args.checkpoint:
         model, ckpt_args = load_backbone(path, args.checkpoint_key, args.interpolate_offset, args.interpolate_antialias)
         check_crop(args, model)
         check_init_layerscale(args, model)
-        models.append((path, model, ckpt_args))
-    floors = {init_floor(model, *init_settings(args, ckpt_args))[0] for _, model, ckpt_args in models}
-    n_networks = len(models) + (len(floors) if args.compare_init else 0)
+        floor = init_settings(args, ckpt_args) if args.compare_init else None   # (seed, layerscale, source)
+        models.append((path, model, floor))
+    floor_names = {init_floor(model, *floor)[0] for _, model, floor in models if floor}
     transform = eval_transform(args.resize_size, args.crop_size)
-    train_set, val_set = cached_splits(args, build_splits(args, transform, transform), n_networks, rank,
-                                       world_size, device)
+    train_set, val_set = cached_splits(args, build_splits(args, transform, transform),
+                                       len(models) + len(floor_names), rank, world_size, device)
     floor_features = {}
-    for path, model, ckpt_args in models:
+    for path, model, floor in models:
         name = f"{arch_name(model)} {args.checkpoint_key}, {path}"
         runs = [("checkpoint", name, extract_splits(model, train_set, val_set, args, rank, world_size, device))]
-        if args.compare_init:
-            seed, ls, source = init_settings(args, ckpt_args)
-            init_name, fields = init_floor(model, seed, ls, source)
-            if init_name not in floor_features:
-                twin = random_twin(model, seed, ls)
+        if floor:
+            init_name, fields = init_floor(model, *floor)
+            if init_name not in floor_features:                                 # one run's epochs share it
+                twin = random_twin(model, *floor[:2])
                 floor_features[init_name] = {**fields, **extract_splits(twin, train_set, val_set, args, rank,
                                                                         world_size, device)}
             runs.append(("init", init_name, floor_features[init_name]))
