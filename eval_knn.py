@@ -2,7 +2,7 @@
 
 Every image of the train and val splits goes once through the frozen backbone, resized as in the
 SimDINO paper's Appendix A (shorter side to 256 px, bicubic; centre crop 224 px). Its final-norm CLS
-feature is L2-normalised. Each val image is classified by its k most similar train images (cosine
+feature (with --avgpool_patchtokens: [CLS, mean patch token]) is L2-normalised. Each val image is classified by its k most similar train images (cosine
 similarity); each neighbour votes for its own label with the weight exp(sim / T), T = 0.07:
 
     votes[c] = sum over the k neighbours j with label c of exp(cos(x, x_j) / T),    prediction = argmax_c votes[c]
@@ -17,6 +17,7 @@ Top-1 and top-5 accuracy are reported for k = 10, 20, 100, 200 in one run (paper
     python eval_knn.py --checkpoint out/dinov2/checkpoint.pth --compare_init --init_layerscale 0.1   # DINOv2 (below)
     python eval_knn.py --raw_pixels --data data/cifar10 --resize_size 32 --crop_size 32          # no network at all
     python eval_knn.py --checkpoint out/simdino/checkpoint000[1-4].pth     # a run's curve: the images decoded once
+    python eval_knn.py --checkpoint out/simdino/checkpoint.pth --avgpool_patchtokens   # [CLS, mean patch] feature
 
 Two floors put a trained network's figure in context. --compare_init: the same architecture freshly initialised,
 with the run's own seed. DINOv2 starts its residual branches at layerscale 1e-5, so its fresh network gives every
@@ -103,6 +104,11 @@ def get_args(argv=None):
     # k-NN
     p.add_argument("--nb_knn", default=[10, 20, 100, 200], type=int, nargs="+",
                    help="Numbers of neighbours k, all reported in one run (DINO: 10 20 100 200; k=20 is the one quoted).")
+    p.add_argument("--avgpool_patchtokens", action="store_true",
+                   help="""Feature [CLS, mean of the patch tokens] of the last block after the final norm, (B, 2D), instead
+                   of the CLS token alone (DINO's k-NN): eval_linear.py's feature with --n_last_blocks 1
+                   --avgpool_patchtokens (DINO's ViT-B probe). Registers are not averaged. The concatenation is
+                   L2-normalised as a whole; the JSON says which feature and goes to <checkpoint>_knn_avgpool.json.""")
     p.add_argument("--temperature", default=0.07, type=float,
                    help="T of the vote weights exp(sim / T) (DINO: 0.07).")
     p.add_argument("--chunk_size", default=256, type=int,
@@ -231,6 +237,26 @@ def decode_once(dataset, device, batch_size=128, num_workers=0, rank=0, world_si
                      disable=rank != 0, dynamic_ncols=True):
         batches.append((x, torch.as_tensor(y)))
     return Decoded(dataset, batches, rank, world_size)
+
+
+def linear_features(backbone, x, n_last_blocks, avgpool):
+    """(B, 3, H, W) images -> (B, (n + avgpool) * D) float32: CLS of the last n blocks (+ the last one's mean patch)."""
+    outputs = backbone.get_intermediate_layers(x, n_last_blocks)                   # n x (B, 1 + R + N, D), final-normed
+    features = [out[:, 0] for out in outputs]                                      # n x (B, D) CLS tokens
+    if avgpool:
+        features.append(outputs[-1][:, 1 + backbone.num_register_tokens:].mean(1))  # (B, D) patches, not registers
+    return torch.cat(features, dim=-1).float()
+
+
+class ClsAvgpool(torch.nn.Module):
+    """--avgpool_patchtokens: the backbone's [CLS, mean patch] feature (B, 2D) of its last block, final-normed."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return linear_features(self.backbone, x, 1, True)
 
 
 @torch.no_grad()
@@ -433,6 +459,9 @@ def check_args(args):
                      f"drop {flag} (each checkpoint's JSON goes beside it, or to --output_dir) or pass one checkpoint")
         if len(set(args.checkpoint)) < len(args.checkpoint):
             fail("--checkpoint: a file is named twice; each is evaluated once")
+    if args.avgpool_patchtokens and (args.raw_pixels or args.load_features):
+        fail(f"--avgpool_patchtokens chooses a network's feature: drop it with "
+             f"{'--raw_pixels' if args.raw_pixels else '--load_features (the saved features are what they are)'}")
     if args.load_features and args.compare_init:
         fail("--compare_init needs the backbone: it cannot be combined with --load_features")
     check_init_layerscale(args)
@@ -541,14 +570,16 @@ def evaluate_checkpoints(args, rank, world_size, device):
     transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = cached_splits(args, build_splits(args, transform, transform),
                                        len(models) + len(floor_names), rank, world_size, device)
+    feature = ClsAvgpool if args.avgpool_patchtokens else (lambda net: net)     # the network -> its k-NN feature
     floor_features = {}
     for path, model, floor in models:
-        name = f"{arch_name(model)} {args.checkpoint_key}, {path}"
-        runs = [("checkpoint", name, extract_splits(model, train_set, val_set, args, rank, world_size, device))]
+        name = f"{arch_name(model)} {args.checkpoint_key}, {path}" + (", [CLS, mean patch]" * args.avgpool_patchtokens)
+        runs = [("checkpoint", name, extract_splits(feature(model), train_set, val_set, args, rank, world_size,
+                                                    device))]
         if floor:
             init_name, fields = init_floor(model, *floor)
             if init_name not in floor_features:                                 # one run's epochs share it
-                twin = random_twin(model, *floor[:2])
+                twin = feature(random_twin(model, *floor[:2]))
                 floor_features[init_name] = {**fields, **extract_splits(twin, train_set, val_set, args, rank,
                                                                         world_size, device)}
             runs.append(("init", init_name, floor_features[init_name]))
@@ -559,8 +590,10 @@ def evaluate_checkpoints(args, rank, world_size, device):
                 torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in feats.items()},
                            os.path.join(args.save_features, fname))
         info = {"checkpoint": path, "checkpoint_key": args.checkpoint_key, "backbone": arch_name(model),
-                **data_info(args, train_set, val_set)}
-        report(args, info, runs, default_json(args, "knn", path), rank, device)
+                "features": "cls+avgpool_patchtokens" if args.avgpool_patchtokens else "cls",
+                "feature_dim": model.embed_dim * (1 + args.avgpool_patchtokens), **data_info(args, train_set, val_set)}
+        suffix = "knn_avgpool" if args.avgpool_patchtokens else "knn"            # the CLS result is not overwritten
+        report(args, info, runs, default_json(args, suffix, path), rank, device)
 
 
 def report(args, info, runs, path, rank, device):

@@ -36,7 +36,8 @@ import vit
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError
 from eval_knn import (add_init_layerscale_arg, add_interpolation_args, arch_name, build_splits, check_crop,
                       check_init_layerscale, default_json, eval_transform, fail, init_distributed, init_floor,
-                      init_settings, load_backbone, random_twin, write_json)  # the loading and data code both share
+                      init_settings, linear_features, load_backbone, random_twin,
+                      write_json)  # the loading, data and feature code both share
 
 DINOV2_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
 
@@ -101,15 +102,6 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- features and classifiers
-
-def linear_features(backbone, x, n_last_blocks, avgpool):
-    """(B, 3, H, W) images -> (B, (n + avgpool) * D) float32: CLS of the last n blocks (+ the last one's mean patch)."""
-    outputs = backbone.get_intermediate_layers(x, n_last_blocks)                   # n x (B, 1 + R + N, D), final-normed
-    features = [out[:, 0] for out in outputs]                                      # n x (B, D) CLS tokens
-    if avgpool:
-        features.append(outputs[-1][:, 1 + backbone.num_register_tokens:].mean(1))  # (B, D) patches, not registers
-    return torch.cat(features, dim=-1).float()
-
 
 class LinearHeads(nn.Module):
     """One linear classifier per learning rate, all on the same features (DINOv2 trains its lr grid at once)."""

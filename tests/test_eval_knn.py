@@ -450,6 +450,42 @@ def test_several_checkpoints_read_the_images_once_and_equal_one_at_a_time(tmp_pa
             assert together == expected
 
 
+def test_avgpool_patchtokens_feature_is_cls_and_mean_patch_of_the_checkpoint_and_its_floor(tmp_path, capsys):
+    """[CLS, mean patch] (registers left out) of the trained network and of its --compare_init twin, voted on as DINO
+    does; the CLS-only result beside it is not overwritten."""
+    src = tiny(3, num_register_tokens=2)
+    path = tmp_path / "checkpoint0001.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in src.state_dict().items()}, "args": {"seed": 5}}, path)
+    KS = ["--nb_knn", "1", "3", "7", "--temperature", "0.1"]
+    eval_knn.main(eval_knn.get_args(["--checkpoint", str(path), *SMALL, *KS, "--compare_init"]))
+    cls_only = json.loads((tmp_path / "checkpoint0001_knn.json").read_text())
+    capsys.readouterr()
+    eval_knn.main(eval_knn.get_args(["--checkpoint", str(path), *SMALL, *KS, "--compare_init", "--avgpool_patchtokens",
+                                     "--save_features", str(tmp_path / "f")]))
+    assert "vit_tiny/8 teacher, " + str(path) + ", [CLS, mean patch]" in capsys.readouterr().out
+    res = json.loads((tmp_path / "checkpoint0001_knn_avgpool.json").read_text())
+    assert res["features"] == "cls+avgpool_patchtokens" and res["feature_dim"] == 384
+    assert json.loads((tmp_path / "checkpoint0001_knn.json").read_text()) == cls_only and cls_only["features"] == "cls"
+    transform = eval_knn.eval_transform(18, 16)
+    splits = [data.build_dataset("synthetic:30", transform, s) for s in ("train", "val")]
+    for label, net in (("", src), ("_init", eval_knn.random_twin(src, 5))):
+        saved = torch.load(tmp_path / "f" / f"knn_features{label}.pth")
+        for split, images in zip(("train", "test"), splits):
+            x = torch.stack([images[i][0] for i in range(len(images))])
+            with torch.no_grad():
+                t = net.forward_features(x)
+            by_hand = torch.cat([t["cls"], t["patches"].mean(1)], dim=1)            # (30, 384): no register tokens
+            torch.testing.assert_close(saved[f"{split}_features"], by_hand)
+            assert not torch.allclose(by_hand, torch.cat([t["cls"], torch.cat([t["registers"], t["patches"]], 1)
+                                                          .mean(1)], dim=1))
+        f, y = saved["train_features"].numpy(), saved["train_labels"].numpy()
+        expected = {k: numpy_knn(f, y, saved["test_features"].numpy(), saved["test_labels"].numpy(), k, 0.1, 10)[0]
+                    for k in (1, 3, 7)}
+        knn = res["init"]["knn"] if label else res["knn"]
+        assert {k: knn[str(k)]["top1"] for k in (1, 3, 7)} == pytest.approx(expected)
+    assert res["knn"] != cls_only["knn"] or res["init"]["knn"] != cls_only["init"]["knn"]   # another feature
+
+
 def test_decoded_images_keep_the_count_of_unreadable_ones(tmp_path):
     write_tree(tmp_path / "train", np.zeros((4, 4, 4, 3), dtype=np.uint8), [0, 1, 0, 1])
     (tmp_path / "train" / "a" / "broken.png").write_bytes(b"not an image")
@@ -502,7 +538,8 @@ def split_trees(tmp_path):
 BAD_CASES = ["unknown size", "crop not divisible", "no checkpoint", "crop > resize", "one class", "val is train",
              "raw pixels with a checkpoint", "raw pixels with compare_init", "init_layerscale alone",
              "init_layerscale without layerscale", "init_layerscale 0", "two checkpoints, one JSON",
-             "a checkpoint twice", "the second checkpoint unknown", "cache_gb negative"]
+             "a checkpoint twice", "the second checkpoint unknown", "cache_gb negative", "avgpool with raw pixels",
+             "avgpool with saved features"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -534,7 +571,12 @@ def test_bad_input_in_process(case, layouts, dinov2_like, tmp_path, capsys):
                     "a checkpoint twice": (["--checkpoint", good, good, *SMALL], "a file is named twice"),
                     "the second checkpoint unknown": (["--checkpoint", good, str(tmp_path / "odd.pth"), *SMALL],
                                                       "width 64 and depth 2"),
-                    "cache_gb negative": (["--checkpoint", good, *SMALL, "--cache_gb", "-1"], "must be >= 0")}[case]
+                    "cache_gb negative": (["--checkpoint", good, *SMALL, "--cache_gb", "-1"], "must be >= 0"),
+                    "avgpool with raw pixels": (["--raw_pixels", "--avgpool_patchtokens", *SMALL],
+                                                "--avgpool_patchtokens chooses a network's feature: drop it with "
+                                                "--raw_pixels"),
+                    "avgpool with saved features": (["--load_features", str(tmp_path), "--avgpool_patchtokens",
+                                                     *SMALL], "drop it with --load_features")}[case]
     with pytest.raises(SystemExit) as e:
         eval_knn.cli(argv)
     assert_clean_error(1, str(e.value.code), phrase)
