@@ -65,7 +65,7 @@ class RandomGaussianBlur:
 
     def __call__(self, img):
         # torch RNG (not `random`) so one torch.manual_seed reproduces every view
-        if torch.rand(1).item() >= self.p:
+        if torch.rand(1).item() >= self.p or self.radius_max == 0:                  # radius 0 0: no blur
             return img
         radius = self.radius_min + (self.radius_max - self.radius_min) * torch.rand(1).item()
         return img.filter(ImageFilter.GaussianBlur(radius=radius))
@@ -116,8 +116,11 @@ class MultiCropAugmentation:
 
     def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
                  local_crops_number=10, global_crops_size=224, local_crops_size=96,
-                 photometric="auto"):
+                 photometric="auto", blur_radius=(0.1, 2.0)):
         _check_crop("global", global_crops_size, global_crops_scale)
+        if not 0 <= blur_radius[0] <= blur_radius[1]:
+            raise DataError(f"blur_radius must be min max with 0 <= min <= max, got {tuple(blur_radius)}: "
+                            f"pass e.g. --blur_radius 0.1 2 (DINO's), or 0 0 for no blur")
         if not isinstance(local_crops_number, int) or local_crops_number < 0:
             raise DataError(f"local_crops_number must be an integer >= 0, got "
                             f"{local_crops_number!r}: pass e.g. --local_crops_number 10")
@@ -129,6 +132,7 @@ class MultiCropAugmentation:
         if photometric == "auto":
             photometric = "device" if torch.cuda.is_available() else "pil"
         self.local_crops_number, self.photometric = local_crops_number, photometric
+        self.blur_radius = tuple(float(r) for r in blur_radius)
         bicubic = transforms.InterpolationMode.BICUBIC
 
         def pipeline(size, scale, blur_p, solarize_p):
@@ -138,7 +142,7 @@ class MultiCropAugmentation:
                 steps += [transforms.RandomApply([transforms.ColorJitter(
                               brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
                           transforms.RandomGrayscale(p=0.2),
-                          RandomGaussianBlur(p=blur_p)]
+                          RandomGaussianBlur(blur_p, *self.blur_radius)]
                 if solarize_p:
                     steps.append(transforms.RandomSolarize(threshold=128, p=solarize_p))  # PIL ImageOps.solarize
             steps.append(transforms.PILToTensor())  # uint8 HWC -> uint8 CHW, [0, 255]
@@ -170,8 +174,8 @@ class MultiCropAugmentation:
                 p = torch.full(xg.shape[:2], p1, device=xg.device)
                 p[1] = p2
                 return p.flatten()
-            xg = photometric_augment(xg.flatten(0, 1), per_view(b1, b2), per_view(s1, s2)).view_as(xg)
-            xl = photometric_augment(xl.flatten(0, 1), bl, sl).view_as(xl)
+            xg = photometric_augment(xg.flatten(0, 1), per_view(b1, b2), per_view(s1, s2), *self.blur_radius).view_as(xg)
+            xl = photometric_augment(xl.flatten(0, 1), bl, sl, *self.blur_radius).view_as(xl)
         return normalize(xg), normalize(xl)
 
 
@@ -254,9 +258,9 @@ def gaussian_blur(x, sigma, max_sigma=2.0):
 
 def photometric_augment(x, blur_p, solarize_p, radius_min=0.1, radius_max=2.0):
     """x (n, 3, H, W) views in [0, 1] -> DINO's photometric augmentation of each view:
-    colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur of radius ~ U[0.1, 2] (with
-    probability blur_p), solarisation at 128/255 (probability solarize_p). blur_p and
-    solarize_p: numbers, or (n,) tensors for a probability per view."""
+    colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur of radius ~ U[radius_min, radius_max]
+    (DINO: 0.1, 2; with probability blur_p; radius_max 0: none), solarisation at 128/255
+    (probability solarize_p). blur_p and solarize_p: numbers, or (n,) tensors for a probability per view."""
     n = x.shape[0]
     if n == 0:
         return x
@@ -264,7 +268,9 @@ def photometric_augment(x, blur_p, solarize_p, radius_min=0.1, radius_max=2.0):
     x = color_jitter(x, u() < 0.8)
     x = torch.where(_per_view(u() < 0.2), _gray(x).expand_as(x), x)
     sigma = radius_min + (radius_max - radius_min) * u()
-    x = torch.where(_per_view(u() < blur_p), gaussian_blur(x, sigma, radius_max), x)
+    blurred = u() < blur_p
+    if radius_max > 0:
+        x = torch.where(_per_view(blurred), gaussian_blur(x, sigma, radius_max), x)
     return torch.where(_per_view(u() < solarize_p) & (x >= 128 / 255), 1 - x, x)
 
 

@@ -253,7 +253,8 @@ def train(args):
 
     # ---- data: 2 global + local_crops_number local crops of every image
     transform = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                      args.global_crops_size, args.local_crops_size, args.photometric)
+                                      args.global_crops_size, args.local_crops_size, args.photometric,
+                                      args.blur_radius)
     dataset = build_dataset(args.data, transform, "train", args.on_bad_image)
     global_batch, iters_per_epoch, total_iters = run_length(args, len(dataset), world_size)
 
@@ -759,7 +760,7 @@ def check_shared_args(args):
             if any(v != "auto" and not in_interval(v, action.type.interval) for v in values):
                 fail(f"--{action.dest} {' '.join(map(str, values))} is out of range: valid values lie in "
                      f"{action.type.interval}")
-    for name in ("global_crops_scale", "local_crops_scale"):
+    for name in ("global_crops_scale", "local_crops_scale", "blur_radius"):
         if getattr(args, name)[0] > getattr(args, name)[1]:
             fail(f"--{name} {getattr(args, name)[0]} {getattr(args, name)[1]} must be given as min max")
     for name in ("global_crops_size", "local_crops_size"):
@@ -854,6 +855,12 @@ def build_parser():
                    help="Side of the global crops in pixels (224).")
     p.add_argument("--local_crops_size", default=96, type=Ranged(int, "[1, inf)"),
                    help="Side of the local crops in pixels (96).")
+    p.add_argument("--blur_radius", default=(0.1, 2.0), type=Ranged(float, "[0, inf)"), nargs=2,
+                   metavar=("MIN", "MAX"),
+                   help="""Range of the Gaussian blur's radius (PIL's: the standard deviation), in pixels of the
+                   crop after resizing (DINO: 0.1 2, chosen for 224 and 96 px crops). Blur on 32 px crops at
+                   DINO's radii is 7x stronger relative to the image: 0.014 0.29 is the same relative blur for
+                   32 and 16 px crops. 0 0: no blur.""")
     p.add_argument("--photometric", default="auto", choices=["auto", "device", "pil"],
                    help="""Where colour jitter, grayscale, blur and solarisation run: 'device', batched after the
                    copy (the same distribution of views, 2.5x the images/s per loader core); 'pil', DINO's PIL

@@ -150,7 +150,36 @@ def test_gaussian_blur_probability():
         assert lo <= changed <= hi, (p, changed)
 
 
+def test_blur_radius_reaches_both_photometric_paths_and_0_0_means_no_blur():
+    img = Image.fromarray(((np.indices((32, 32)).sum(0) % 2) * 255).astype(np.uint8)).convert("RGB")
+    torch.manual_seed(0)
+    assert not np.array_equal(np.asarray(RandomGaussianBlur(1.0, 0.1, 0.3)(img)), np.asarray(img))
+    assert np.array_equal(np.asarray(RandomGaussianBlur(1.0, 0.0, 0.0)(img)), np.asarray(img))
+    pil = MultiCropAugmentation(local_crops_number=2, global_crops_size=16, local_crops_size=8, photometric="pil",
+                                blur_radius=(0.2, 0.5))
+    blurs = [b for t in (pil.global_transform1, pil.global_transform2, pil.local_transform)
+             for b in of_type(t, RandomGaussianBlur)]
+    assert [(b.radius_min, b.radius_max) for b in blurs] == [(0.2, 0.5)] * 3
+    # the device path: radius 0 0 gives the views of blur probability 0 from the same draws; DINO's radii do not
+    xg = torch.randint(0, 256, (2, 4, 3, 16, 16), dtype=torch.uint8)
+    xl = torch.randint(0, 256, (2, 4, 3, 8, 8), dtype=torch.uint8)
+
+    def views(blur_radius, blur_p=None):
+        aug = MultiCropAugmentation(local_crops_number=2, global_crops_size=16, local_crops_size=8,
+                                    photometric="device", blur_radius=blur_radius)
+        if blur_p is not None:
+            aug.BLUR_P = blur_p
+        torch.manual_seed(1)
+        return torch.cat([v.flatten() for v in aug.on_device(xg, xl)])
+
+    unblurred = views((0.1, 2.0), blur_p=(0.0, 0.0, 0.0))
+    assert torch.equal(views((0.0, 0.0)), unblurred)
+    assert not torch.allclose(views((0.1, 2.0)), unblurred)
+    assert not torch.allclose(views((0.1, 2.0)), views((0.1, 0.3)))
+
+
 @pytest.mark.parametrize("kwargs", [
+    dict(blur_radius=(2.0, 1.0)), dict(blur_radius=(-0.1, 1.0)),
     dict(global_crops_scale=(0.5, 0.2)), dict(global_crops_scale=(0.0, 1.0)),
     dict(local_crops_scale=(0.05, 1.5)), dict(global_crops_size=0),
     dict(local_crops_size=-4), dict(local_crops_number=-1), dict(global_crops_size=32.5),

@@ -140,6 +140,8 @@ RANGE_CASES = [
     (["--global_crops_scale", "0", "1"], "--global_crops_scale 0.0 1.0 is out of range: valid values lie in (0, 1]"),
     (["--drop_path_rate", "nan"], "--drop_path_rate nan is out of range"),
     (["--interpolate_offset", "1.5"], "--interpolate_offset 1.5 is out of range: valid values lie in [0, 1)"),
+    (["--blur_radius", "-1", "1"], "--blur_radius -1.0 1.0 is out of range: valid values lie in [0, inf)"),
+    (["--blur_radius", "2", "1"], "--blur_radius 2.0 1.0 must be given as min max"),
 ]
 
 
