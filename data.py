@@ -248,6 +248,7 @@ def gaussian_blur(x, sigma, max_sigma=2.0):
     n, c, H, W = x.shape
     r = math.ceil(3 * max_sigma)
     t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)           # (K,)
+    sigma = sigma.clamp_min(1e-6)                                          # --blur_radius 0 ...: no 0 / 0
     k = torch.exp(-t.square() / (2 * sigma.view(-1, 1).square()))          # (n, K)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)               # (n c, K) one kernel per channel
     y = F.pad(x.reshape(1, n * c, H, W), (r, r, r, r), mode="replicate")

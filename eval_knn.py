@@ -2,8 +2,9 @@
 
 Every image of the train and val splits goes once through the frozen backbone, resized as in the
 SimDINO paper's Appendix A (shorter side to 256 px, bicubic; centre crop 224 px). Its final-norm CLS
-feature (with --avgpool_patchtokens: [CLS, mean patch token]) is L2-normalised. Each val image is classified by its k most similar train images (cosine
-similarity); each neighbour votes for its own label with the weight exp(sim / T), T = 0.07:
+feature (with --avgpool_patchtokens: [CLS, mean patch token]) is L2-normalised. Each val image is
+classified by its k most similar train images (cosine similarity); each neighbour votes for its own
+label with the weight exp(sim / T), T = 0.07:
 
     votes[c] = sum over the k neighbours j with label c of exp(cos(x, x_j) / T),    prediction = argmax_c votes[c]
 

@@ -17,7 +17,7 @@ from torchvision import transforms
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, BlockMaskGenerator, DataError,
                   ImageFolderDataset, MultiCropAugmentation, RandomGaussianBlur,
-                  SyntheticShapes, build_dataset, collate_multicrop)
+                  SyntheticShapes, build_dataset, collate_multicrop, gaussian_blur)
 
 
 # -----------------------------------------------------------------------------
@@ -176,6 +176,9 @@ def test_blur_radius_reaches_both_photometric_paths_and_0_0_means_no_blur():
     assert torch.equal(views((0.0, 0.0)), unblurred)
     assert not torch.allclose(views((0.1, 2.0)), unblurred)
     assert not torch.allclose(views((0.1, 2.0)), views((0.1, 0.3)))
+    # a radius range from 0: a draw of exactly 0 blurs nothing (no 0 / 0 in the kernel)
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(gaussian_blur(x, torch.tensor([0.0, 0.0]), 0.3), x)
 
 
 @pytest.mark.parametrize("kwargs", [
