@@ -65,7 +65,7 @@ class RandomGaussianBlur:
 
     def __call__(self, img):
         # torch RNG (not `random`) so one torch.manual_seed reproduces every view
-        if torch.rand(1).item() >= self.p or self.radius_max == 0:                  # radius 0 0: no blur
+        if torch.rand(1).item() >= self.p:
             return img
         radius = self.radius_min + (self.radius_max - self.radius_min) * torch.rand(1).item()
         return img.filter(ImageFilter.GaussianBlur(radius=radius))
@@ -174,7 +174,8 @@ class MultiCropAugmentation:
                 p = torch.full(xg.shape[:2], p1, device=xg.device)
                 p[1] = p2
                 return p.flatten()
-            xg = photometric_augment(xg.flatten(0, 1), per_view(b1, b2), per_view(s1, s2), *self.blur_radius).view_as(xg)
+            xg = photometric_augment(xg.flatten(0, 1), per_view(b1, b2), per_view(s1, s2),
+                                     *self.blur_radius).view_as(xg)
             xl = photometric_augment(xl.flatten(0, 1), bl, sl, *self.blur_radius).view_as(xl)
         return normalize(xg), normalize(xl)
 
@@ -248,7 +249,7 @@ def gaussian_blur(x, sigma, max_sigma=2.0):
     n, c, H, W = x.shape
     r = math.ceil(3 * max_sigma)
     t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)           # (K,)
-    sigma = sigma.clamp_min(1e-6)                                          # --blur_radius 0 ...: no 0 / 0
+    sigma = sigma.clamp_min(1e-6)                                          # radius 0: the identity, not 0 / 0
     k = torch.exp(-t.square() / (2 * sigma.view(-1, 1).square()))          # (n, K)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)               # (n c, K) one kernel per channel
     y = F.pad(x.reshape(1, n * c, H, W), (r, r, r, r), mode="replicate")
@@ -260,7 +261,7 @@ def gaussian_blur(x, sigma, max_sigma=2.0):
 def photometric_augment(x, blur_p, solarize_p, radius_min=0.1, radius_max=2.0):
     """x (n, 3, H, W) views in [0, 1] -> DINO's photometric augmentation of each view:
     colour jitter (p=0.8), grayscale (p=0.2), Gaussian blur of radius ~ U[radius_min, radius_max]
-    (DINO: 0.1, 2; with probability blur_p; radius_max 0: none), solarisation at 128/255
+    (DINO: 0.1, 2; with probability blur_p; radius 0 leaves a view as it is), solarisation at 128/255
     (probability solarize_p). blur_p and solarize_p: numbers, or (n,) tensors for a probability per view."""
     n = x.shape[0]
     if n == 0:
@@ -269,9 +270,7 @@ def photometric_augment(x, blur_p, solarize_p, radius_min=0.1, radius_max=2.0):
     x = color_jitter(x, u() < 0.8)
     x = torch.where(_per_view(u() < 0.2), _gray(x).expand_as(x), x)
     sigma = radius_min + (radius_max - radius_min) * u()
-    blurred = u() < blur_p
-    if radius_max > 0:
-        x = torch.where(_per_view(blurred), gaussian_blur(x, sigma, radius_max), x)
+    x = torch.where(_per_view(u() < blur_p), gaussian_blur(x, sigma, radius_max), x)
     return torch.where(_per_view(u() < solarize_p) & (x >= 128 / 255), 1 - x, x)
 
 

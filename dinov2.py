@@ -1068,8 +1068,8 @@ def build_parser():
                    metavar=("MIN", "MAX"),
                    help="""Range of the Gaussian blur's radius (PIL's: the standard deviation), in pixels of the
                    crop after resizing (DINO: 0.1 2, chosen for 224 and 96 px crops). Blur on 32 px crops at
-                   DINO's radii is 7x stronger relative to the image: 0.014 0.29 is the same relative blur for
-                   32 and 16 px crops. 0 0: no blur.""")
+                   DINO's radii is 7x stronger relative to the image: 0.014 0.29 is DINO's relative blur at 32 px
+                   (0.017 0.33 for 16 px local crops). 0 0: no blur.""")
     p.add_argument("--photometric", default="auto", choices=["auto", "device", "pil"],
                    help="""Where colour jitter, grayscale, blur and solarisation run: 'device', batched after the
                    copy (the same distribution of views, 2.5x the images/s per loader core); 'pil', DINO's PIL
