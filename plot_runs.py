@@ -4,10 +4,13 @@ Each run folder is what a training script writes to --output_dir (log.jsonl and 
 checkpoints), plus the JSON files eval_knn.py writes next to each checkpoint it evaluates
 (`<checkpoint>_knn.json`). The k-NN point of a checkpoint sits at the iteration that the
 checkpoint records; a `--compare_init` entry in any of them gives the run's floor (the same
-network at initialisation), drawn dashed.
+network at initialisation), drawn dashed. Checkpoints also evaluated with --avgpool_patchtokens
+(`<checkpoint>_knn_avgpool.json`) get a second, dotted curve ([CLS, mean patch token]), and
+--raw_pixels draws the model-free floor that `eval_knn.py --raw_pixels` wrote, dash-dotted.
 
     python plot_runs.py out/cifar10/simdino out/cifar10/simdinov2 out/cifar10/dino out/cifar10/dinov2 \\
         --output docs/cifar10_curves.png
+    python plot_runs.py out/holdout/p8_long --raw_pixels out/holdout/raw_pixels_knn.json --output long.png
 
 matplotlib is needed for this script only (pip install matplotlib); the method files do not use it.
 """
@@ -25,6 +28,9 @@ def get_args(argv=None):
     p.add_argument("runs", nargs="+", help="Run folders (each a training script's --output_dir).")
     p.add_argument("--output", default="curves.png", help="PNG to write.")
     p.add_argument("--k", default="20", help="Which k of the k-NN results to plot (DINO quotes 20).")
+    p.add_argument("--raw_pixels", nargs="+", default=[], metavar="JSON",
+                   help="JSON file(s) of `eval_knn.py --raw_pixels`: the k-NN of the pixels themselves, the floor "
+                        "a learned feature has to beat, drawn as a horizontal line (one per file: the data it names).")
     p.add_argument("--smooth", default=20, type=int, help="Moving-average window of the loss curves, in log records.")
     return p.parse_args(argv)
 
@@ -40,10 +46,12 @@ def read_log(run):
     return [records[i] for i in sorted(records)]
 
 
-def read_knn(run, k):
-    """([(iteration, top-1)] of the run's evaluated checkpoints, top-1 at init or None)."""
+def read_knn(run, k, suffix="_knn.json"):
+    """([(iteration, top-1)] of the run's evaluated checkpoints, top-1 at init or None).
+
+    suffix "_knn_avgpool.json": the results of --avgpool_patchtokens instead of the CLS feature's."""
     points, init = [], None
-    for path in sorted(glob.glob(os.path.join(run, "*_knn.json"))):
+    for path in sorted(glob.glob(os.path.join(run, "*" + suffix))):
         with open(path) as f:
             result = json.load(f)
         ckpt = result.get("checkpoint")
@@ -54,6 +62,15 @@ def read_knn(run, k):
         if "init" in result:
             init = result["init"]["knn"][k]["top1"]
     return sorted(points), init
+
+
+def read_raw_pixels(path, k):
+    """(data, top-1) of an `eval_knn.py --raw_pixels` JSON file."""
+    with open(path) as f:
+        result = json.load(f)
+    if result.get("features") != "raw_pixels":
+        sys.exit(f"error: '{path}' is not a --raw_pixels result of eval_knn.py (its features: {result.get('features')})")
+    return result["data"], result["knn"][k]["top1"]
 
 
 def moving_average(values, window):
@@ -89,8 +106,14 @@ def main(args):
         points, init = read_knn(run, args.k)
         if points:
             ax_knn.plot(*zip(*points), "o-", color=color, label=name)
+        pooled, _ = read_knn(run, args.k, "_knn_avgpool.json")
+        if pooled:
+            ax_knn.plot(*zip(*pooled), "s:", color=color, label=f"{name}, [CLS, mean patch]")
         if init is not None:
             ax_knn.axhline(init, color=color, linestyle="--", linewidth=1, label=f"{name} at init")
+    for path in args.raw_pixels:
+        data, top1 = read_raw_pixels(path, args.k)
+        ax_knn.axhline(top1, color="black", linestyle="-.", linewidth=1, label=f"raw pixels ({data})")
     ax_knn.set(xlabel="iteration", ylabel=f"k-NN top-1 (%), k = {args.k}", title="k-NN top-1 of the teacher")
     ax_knn.grid(alpha=0.3)
     ax_knn.legend(fontsize=8)

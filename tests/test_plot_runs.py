@@ -1,6 +1,7 @@
 """plot_runs.py's readers (matplotlib is optional, so only the parts that do not draw are tested here)."""
 import json
 
+import pytest
 import torch
 
 import plot_runs
@@ -24,3 +25,21 @@ def test_readers_put_each_knn_point_at_its_checkpoints_iteration(tmp_path):
     points, init = plot_runs.read_knn(str(run), "20")
     assert points == [(10, 33.0), (20, 41.5)] and init == 30.4
     assert plot_runs.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_avgpool_results_and_the_raw_pixel_floor_are_read_apart_from_the_cls_curve(tmp_path):
+    run = tmp_path / "p8_long"
+    run.mkdir()
+    ckpt = run / "checkpoint0002.pth"
+    torch.save({"iteration": 500, "teacher": {}}, ckpt)
+    for suffix, top1 in [("_knn.json", 40.0), ("_knn_avgpool.json", 41.2)]:
+        result = {"checkpoint": str(ckpt), "features": "cls", "knn": {"20": {"top1": top1, "top5": 90.0}}}
+        (run / f"checkpoint0002{suffix}").write_text(json.dumps(result))
+    assert plot_runs.read_knn(str(run), "20") == ([(500, 40.0)], None)   # the pooled file is not a CLS point
+    assert plot_runs.read_knn(str(run), "20", "_knn_avgpool.json") == ([(500, 41.2)], None)
+    raw = tmp_path / "raw_pixels_knn.json"
+    raw.write_text(json.dumps({"features": "raw_pixels", "data": "data/cifar10_holdout",
+                               "knn": {"20": {"top1": 43.58}, "10": {"top1": 43.54}}}))
+    assert plot_runs.read_raw_pixels(str(raw), "10") == ("data/cifar10_holdout", 43.54)
+    with pytest.raises(SystemExit, match="not a --raw_pixels result"):   # a checkpoint's JSON is no floor
+        plot_runs.read_raw_pixels(str(run / "checkpoint0002_knn.json"), "20")
