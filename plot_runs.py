@@ -69,7 +69,8 @@ def read_raw_pixels(path, k):
     with open(path) as f:
         result = json.load(f)
     if result.get("features") != "raw_pixels":
-        sys.exit(f"error: '{path}' is not a --raw_pixels result of eval_knn.py (its features: {result.get('features')})")
+        sys.exit(f"error: '{path}' is not a --raw_pixels result of eval_knn.py "
+                 f"(its features: {result.get('features')})")
     return result["data"], result["knn"][k]["top1"]
 
 
