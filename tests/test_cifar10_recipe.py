@@ -1,7 +1,7 @@
-"""recipes/cifar10.sh end to end on a few hundred fake CIFAR-sized JPEGs: the README's CIFAR-10 commands
-(the real-folder loader, each method's recipe flags, k-NN with --compare_init and the linear probe), only
-shorter. The full runs are not a test; this checks that their code path works and writes what the README
-table and plot_runs.py read."""
+"""recipes/cifar10.sh: each method's commands as the script builds them, and the whole script for SimDINO on a
+few hundred fake CIFAR-sized JPEGs (the real-folder loader, k-NN with --compare_init, the linear probe and the
+k-NN curve), only shorter. The full runs are not a test; this checks that their code path works and writes what
+the README table and plot_runs.py read."""
 import json
 import os
 import subprocess
@@ -50,39 +50,78 @@ def check_topk(res):
     assert 0.0 <= res["top1"] <= res["top5"] <= 100.0
 
 
-@pytest.mark.parametrize("method", ["simdino", "dino", "simdinov2", "dinov2"])
-def test_cifar10_recipe_trains_and_evaluates(method, cifar_tree, tmp_path):
-    out = str(tmp_path / method)
-    seed = 3 if method == "dinov2" else 0                  # SEED's default (the README's runs), and SEED=3
+def run_recipe(method, data, out, stages=None, seed=None, extra=None, python=(sys.executable,)):
     env = dict(os.environ, EPOCH_LENGTH="2", EPOCHS="2", LINEAR_EPOCHS="1", NUM_WORKERS="0",
-               PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    env.pop("SEED", None)
-    if seed:
-        env["SEED"] = str(seed)
-    # EXTRA: flags after the method's own, so they override them; DINO's own --momentum_teacher 0.996 here
-    extra = {"momentum_teacher": 0.0, "final_momentum_teacher": 0.0} if method == "dino" else {}
-    env.pop("EXTRA", None)
-    if extra:
-        env["EXTRA"] = "--momentum_teacher 0 --final_momentum_teacher 0"
-    run = subprocess.run(["bash", os.path.join("recipes", "cifar10.sh"), method, cifar_tree, out], cwd=ROOT,
+               PYTHON=" ".join(python), OMP_NUM_THREADS="1")
+    for name, value in {"STAGES": stages, "SEED": seed, "EXTRA": extra}.items():
+        env.pop(name, None)
+        if value is not None:
+            env[name] = value
+    run = subprocess.run(["bash", os.path.join("recipes", "cifar10.sh"), method, data, out], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+# the flags all four methods share in the recipe
+SHARED = {"arch": "vit_tiny", "patch_size": 8, "global_crops_size": 32, "local_crops_size": 16,
+          "local_crops_number": 4, "global_crops_scale": [0.25, 1.0], "local_crops_scale": [0.05, 0.25],
+          "batch_size_per_gpu": 64, "lr": 0.002, "momentum_teacher": 0.95, "drop_path_rate": 0.1,
+          "warmup_epochs": 1, "epochs": 2, "epoch_length": 2, "saveckp_freq": 1, "num_workers": 0}
+
+
+def check_recipe_args(args, method, seed, extra=None):
+    for name, value in {**SHARED, **OWN[method], "seed": seed, **(extra or {})}.items():
+        got = getattr(args, name) if not isinstance(args, dict) else args[name]
+        got = list(got) if isinstance(got, (list, tuple)) else got
+        assert got == value, (name, got, value)
+
+
+@pytest.mark.parametrize("method", ["simdino", "dino", "simdinov2", "dinov2"])
+def test_cifar10_recipe_gives_each_method_its_flags(method, tmp_path):
+    """The commands the recipe runs, recorded instead of run, the training's read back by the method's own
+    parser: the shared flags, the method's own, SEED's default and another SEED, and EXTRA overriding the
+    method's own (DINO's --momentum_teacher 0.996); then the evaluations' commands."""
+    recorder = tmp_path / "record.py"
+    recorder.write_text("import json, sys\nwith open(sys.argv[1], 'a') as f:\n"
+                        "    f.write(json.dumps(sys.argv[2:]) + '\\n')\n")
+    calls = tmp_path / "calls.jsonl"
+    mod = __import__(method)
+    for seed, extra in ((None, None), ("3", "--momentum_teacher 0 --final_momentum_teacher 0")):
+        calls.unlink(missing_ok=True)
+        out = str(tmp_path / f"out{seed}")
+        os.makedirs(out)
+        for epoch in (1, 2):                               # what the training would leave, for the curve's glob
+            open(os.path.join(out, f"checkpoint{epoch:04d}.pth"), "w").close()
+        run_recipe(method, str(tmp_path / "data"), out, seed=seed, extra=extra,
+                   python=(sys.executable, str(recorder), str(calls)))
+        train, knn, linear, curve = [json.loads(line) for line in calls.read_text().splitlines()]
+        assert train[0] == f"{method}.py" and train[-4:] == ["--data", str(tmp_path / "data"), "--output_dir", out]
+        check_recipe_args(mod.get_args(train[1:]), method, int(seed or 0),
+                          {"momentum_teacher": 0.0, "final_momentum_teacher": 0.0} if extra else {})
+        last = os.path.join(out, "checkpoint0002.pth")
+        evaluation = ["--data", str(tmp_path / "data"), "--resize_size", "32", "--crop_size", "32",
+                      "--num_workers", "0"]
+        assert knn == ["eval_knn.py", "--checkpoint", last, *evaluation, "--nb_knn", "10", "20", "100", "200",
+                       "--compare_init"]
+        assert linear == ["eval_linear.py", "--checkpoint", last, *evaluation, "--epochs", "1",
+                          "--output_json", os.path.join(out, "linear.json")]
+        assert curve == ["eval_knn.py", "--checkpoint", os.path.join(out, "checkpoint0001.pth"), *evaluation,
+                         "--nb_knn", "10", "20", "100", "200"]                    # the earlier epochs only
+
+
+def test_cifar10_recipe_trains_and_evaluates(cifar_tree, tmp_path):
+    """The whole script for one method (the others' commands are checked above, their checkpoints' evaluation
+    in tests/test_eval_knn.py): training, k-NN with --compare_init, the linear probe and the k-NN curve."""
+    out = str(tmp_path / "simdino")
+    seed = 3                                               # not the default: the floor must follow SEED
+    run_recipe("simdino", cifar_tree, out, seed=str(seed))
 
     # training: 2 epochs of 2 iterations on the folder's train split, the recipe's flags in the checkpoint
     log = plot_runs.read_log(out)
     assert log[-1]["iteration"] == 3 and all(np.isfinite(r["loss"]) for r in log)             # 4 iterations
     ckpt = torch.load(os.path.join(out, "checkpoint0002.pth"), map_location="cpu", weights_only=False)
-    args = ckpt["args"]
-    shared = {"arch": "vit_tiny", "patch_size": 8, "global_crops_size": 32, "local_crops_size": 16,
-              "local_crops_number": 4, "global_crops_scale": [0.25, 1.0], "local_crops_scale": [0.05, 0.25],
-              "batch_size_per_gpu": 64, "lr": 0.002, "momentum_teacher": 0.95, "drop_path_rate": 0.1,
-              "warmup_epochs": 1, "seed": seed}
-    for name, value in {**shared, **OWN[method], **extra}.items():
-        got = list(args[name]) if isinstance(args[name], (list, tuple)) else args[name]
-        assert got == value, (name, got, value)
-    if extra:                                              # without self-distillation: the teacher is the student
-        assert ckpt["teacher"].keys() == ckpt["student"].keys()
-        assert all(torch.equal(ckpt["teacher"][k], v) for k, v in ckpt["student"].items())
+    check_recipe_args(ckpt["args"], "simdino", seed)
 
     # k-NN of both checkpoints, the last one also at init; plot_runs puts them at iterations 2 and 4
     for epoch in (1, 2):
