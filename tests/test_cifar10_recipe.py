@@ -53,7 +53,8 @@ def check_topk(res):
 def run_recipe(method, data, out, seed=None, extra=None, python=(sys.executable,)):
     env = dict(os.environ, EPOCH_LENGTH="2", EPOCHS="2", LINEAR_EPOCHS="1", NUM_WORKERS="0",
                PYTHON=" ".join(python), OMP_NUM_THREADS="1")
-    for name, value in {"STAGES": None, "SEED": seed, "EXTRA": extra}.items():   # STAGES: all of them
+    env.pop("STAGES", None)                                # every stage
+    for name, value in {"SEED": seed, "EXTRA": extra}.items():
         env.pop(name, None)
         if value is not None:
             env[name] = value
