@@ -310,16 +310,24 @@ def arch_name(model):
 
 
 def load_backbone(path, which="teacher", interpolate_offset=None, interpolate_antialias=None):
-    """(ViT with the checkpoint's weights, the checkpoint's training args as a dict, possibly empty).
+    """(ViT with the weights of the checkpoint at path (or of a checkpoint already read), the checkpoint's training
+    args as a dict, possibly empty).
 
     The position embeddings are resized (at crops other than the stored grid) as the checkpoint's own
     code does it (vit.released_interpolation), unless interpolate_offset / interpolate_antialias are given."""
-    ckpt = vit.read_checkpoint(path)
+    ckpt = vit.read_checkpoint(path) if isinstance(path, (str, os.PathLike)) else path
     args = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}   # vit_from_checkpoint rejects non-dicts
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, dict) else {}
     model = vit.vit_from_checkpoint(ckpt, which=which, interpolate_offset=interpolate_offset,
                                     interpolate_antialias=interpolate_antialias)
     return model.eval(), args
+
+
+def checkpoint_iteration(ckpt):
+    """The training iteration a checkpoint of this project's scripts was written at (the k-NN curve's x), else None:
+    the released models and bare state dicts do not record one (DINO's full checkpoints record only the epoch)."""
+    it = ckpt.get("iteration") if isinstance(ckpt, dict) else None
+    return int(it) if isinstance(it, int) and not isinstance(it, bool) else None
 
 
 def random_twin(model, seed, layerscale=0.1):
@@ -562,18 +570,19 @@ def evaluate_checkpoints(args, rank, world_size, device):
     several checkpoints (the same architecture, seed and layerscale: one run's epochs) is computed once."""
     models = []                                                                 # (path, model, its floor or None)
     for path in args.checkpoint:
-        model, ckpt_args = load_backbone(path, args.checkpoint_key, args.interpolate_offset, args.interpolate_antialias)
+        ckpt = vit.read_checkpoint(path)
+        model, ckpt_args = load_backbone(ckpt, args.checkpoint_key, args.interpolate_offset, args.interpolate_antialias)
         check_crop(args, model)
         check_init_layerscale(args, model)
         floor = init_settings(args, ckpt_args) if args.compare_init else None   # (seed, layerscale, source)
-        models.append((path, model, floor))
-    floor_names = {init_floor(model, *floor)[0] for _, model, floor in models if floor}
+        models.append((path, model, floor, checkpoint_iteration(ckpt)))
+    floor_names = {init_floor(model, *floor)[0] for _, model, floor, _ in models if floor}
     transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = cached_splits(args, build_splits(args, transform, transform),
                                        len(models) + len(floor_names), rank, world_size, device)
     feature = ClsAvgpool if args.avgpool_patchtokens else (lambda net: net)     # the network -> its k-NN feature
     floor_features = {}
-    for path, model, floor in models:
+    for path, model, floor, iteration in models:
         name = f"{arch_name(model)} {args.checkpoint_key}, {path}" + (", [CLS, mean patch]" * args.avgpool_patchtokens)
         runs = [("checkpoint", name, extract_splits(feature(model), train_set, val_set, args, rank, world_size,
                                                     device))]
@@ -590,7 +599,8 @@ def evaluate_checkpoints(args, rank, world_size, device):
                 fname = "knn_features.pth" if label == "checkpoint" else f"knn_features_{label}.pth"
                 torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in feats.items()},
                            os.path.join(args.save_features, fname))
-        info = {"checkpoint": path, "checkpoint_key": args.checkpoint_key, "backbone": arch_name(model),
+        info = {"checkpoint": path, "iteration": iteration, "checkpoint_key": args.checkpoint_key,
+                "backbone": arch_name(model),
                 "features": "cls+avgpool_patchtokens" if args.avgpool_patchtokens else "cls",
                 "feature_dim": model.embed_dim * (1 + args.avgpool_patchtokens), **data_info(args, train_set, val_set)}
         suffix = "knn_avgpool" if args.avgpool_patchtokens else "knn"            # the CLS result is not overwritten

@@ -35,8 +35,8 @@ from tqdm import tqdm
 import vit
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError
 from eval_knn import (add_init_layerscale_arg, add_interpolation_args, arch_name, build_splits, check_crop,
-                      check_init_layerscale, default_json, eval_transform, fail, init_distributed, init_floor,
-                      init_settings, linear_features, load_backbone, random_twin,
+                      check_init_layerscale, checkpoint_iteration, default_json, eval_transform, fail,
+                      init_distributed, init_floor, init_settings, linear_features, load_backbone, random_twin,
                       write_json)  # the loading, data and feature code both share
 
 DINOV2_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
@@ -239,8 +239,10 @@ def summary(accs, args, world_size):
 def main(args):
     rank, world_size, device = init_distributed()
     check_args(args)
-    model, ckpt_args = load_backbone(args.checkpoint, args.checkpoint_key, args.interpolate_offset,
-                                     args.interpolate_antialias)
+    ckpt = vit.read_checkpoint(args.checkpoint)
+    model, ckpt_args = load_backbone(ckpt, args.checkpoint_key, args.interpolate_offset, args.interpolate_antialias)
+    iteration = checkpoint_iteration(ckpt)
+    del ckpt                                                      # the student and the optimizer state: not needed
     check_crop(args, model)
     check_init_layerscale(args, model)
     small = model.embed_dim <= vit.ARCHS["vit_small"][0]
@@ -258,7 +260,8 @@ def main(args):
     if args.compare_init:
         nets.append(("init", init_name, random_twin(model, seed, ls)))
 
-    result = {"checkpoint": args.checkpoint, "checkpoint_key": args.checkpoint_key, "backbone": arch_name(model),
+    result = {"checkpoint": args.checkpoint, "iteration": iteration, "checkpoint_key": args.checkpoint_key,
+              "backbone": arch_name(model),
               "data": args.data, "num_train": len(train_set), "num_val": len(val_set),
               "num_classes": len(train_set.classes), "resize_size": args.resize_size, "crop_size": args.crop_size,
               "n_last_blocks": args.n_last_blocks, "avgpool_patchtokens": args.avgpool_patchtokens,

@@ -3,7 +3,8 @@
 Each run folder is what a training script writes to --output_dir (log.jsonl and the
 checkpoints), plus the JSON files eval_knn.py writes next to each checkpoint it evaluates
 (`<checkpoint>_knn.json`). The k-NN point of a checkpoint sits at the iteration that the
-checkpoint records; a `--compare_init` entry in any of them gives the run's floor (the same
+checkpoint records, which the JSON file repeats: log.jsonl and the JSON files are enough, the
+checkpoints can be gone. A `--compare_init` entry in any of them gives the run's floor (the same
 network at initialisation), drawn dashed. Checkpoints also evaluated with --avgpool_patchtokens
 (`<checkpoint>_knn_avgpool.json`) get a second, dotted curve ([CLS, mean patch token]), and
 --raw_pixels draws the model-free floor that `eval_knn.py --raw_pixels` wrote, dash-dotted.
@@ -54,11 +55,15 @@ def read_knn(run, k, suffix="_knn.json"):
     for path in sorted(glob.glob(os.path.join(run, "*" + suffix))):
         with open(path) as f:
             result = json.load(f)
-        ckpt = result.get("checkpoint")
-        if not ckpt or not os.path.exists(ckpt) or "knn" not in result:
+        if "knn" not in result:
             continue
-        meta = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-        points.append((int(meta["iteration"]), result["knn"][k]["top1"]))
+        it = result.get("iteration")                # eval_knn.py writes it; older JSON files only name the file
+        if it is None:
+            ckpt = result.get("checkpoint")
+            if not ckpt or not os.path.exists(ckpt):
+                continue
+            it = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["iteration"]
+        points.append((int(it), result["knn"][k]["top1"]))
         if "init" in result:
             init = result["init"]["knn"][k]["top1"]
     return sorted(points), init

@@ -408,6 +408,7 @@ def test_main_end_to_end_with_compare_init_and_saved_features(layouts, tmp_path,
     assert lines[0].split(": ", 1)[1].startswith("k=20 top-1 ")
     res = json.loads(out.read_text())
     assert res["backbone"] == "vit_tiny/8" and res["num_train"] == res["num_val"] == 30 and res["num_classes"] == 10
+    assert res["iteration"] == 10                                       # the checkpoint's: plot_runs.py's x
     assert set(res["knn"]) == set(res["init"]["knn"]) == {"10", "20", "100", "200"}
     for accs in (res["knn"], res["init"]["knn"]):
         assert all(0 <= a["top1"] <= a["top5"] <= 100 for a in accs.values())
@@ -434,6 +435,7 @@ def test_several_checkpoints_read_the_images_once_and_equal_one_at_a_time(tmp_pa
         eval_knn.main(eval_knn.get_args(["--checkpoint", path, *SMALL, *KS, "--compare_init", "--output_json", str(out)]))
         alone.append(json.loads(out.read_text()))
     assert alone[0]["knn"] != alone[1]["knn"] and alone[0]["init"] == alone[1]["init"]
+    assert alone[0]["iteration"] is None                                # these files record none
     reads = []
     read = data.SyntheticShapes.__getitem__
     monkeypatch.setattr(data.SyntheticShapes, "__getitem__", lambda self, i: reads.append(i) or read(self, i))

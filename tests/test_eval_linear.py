@@ -228,6 +228,7 @@ def test_main_end_to_end(layouts, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["n_last_blocks"] == 4 and res["avgpool_patchtokens"] is False   # DINO's ViT-S defaults for tiny
     assert res["num_train"] == res["num_val"] == 40 and res["num_classes"] == 10 and res["batch_size"] == 20
+    assert res["iteration"] == 10                                     # the checkpoint's
     for r in (res, res["init"]):
         assert len(r["per_lr"]) == len(eval_linear.DINOV2_LRS)
         assert all(0 <= p["top1"] <= p["top5"] <= 100 for p in r["per_lr"])

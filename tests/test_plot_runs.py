@@ -43,3 +43,15 @@ def test_avgpool_results_and_the_raw_pixel_floor_are_read_apart_from_the_cls_cur
     assert plot_runs.read_raw_pixels(str(raw), "10") == ("data/cifar10_holdout", 43.54)
     with pytest.raises(SystemExit, match="not a --raw_pixels result"):   # a checkpoint's JSON is no floor
         plot_runs.read_raw_pixels(str(run / "checkpoint0002_knn.json"), "20")
+
+
+def test_a_json_file_that_records_its_iteration_needs_no_checkpoint(tmp_path):
+    """eval_knn.py's JSON repeats the checkpoint's iteration: the curve survives deleting the checkpoints, and the
+    JSON's figure wins over a checkpoint file that now holds another iteration (a rerun into the same folder)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"iteration": 999, "teacher": {}}, run / "checkpoint0001.pth")
+    for name, it, top1 in [("checkpoint0001", 250, 36.4), ("checkpoint0011", 2750, 47.96)]:   # 0011.pth is gone
+        result = {"checkpoint": str(run / f"{name}.pth"), "iteration": it, "knn": {"20": {"top1": top1}}}
+        (run / f"{name}_knn.json").write_text(json.dumps(result))
+    assert plot_runs.read_knn(str(run), "20") == ([(250, 36.4), (2750, 47.96)], None)
