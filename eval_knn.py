@@ -327,7 +327,7 @@ def checkpoint_iteration(ckpt):
     """The training iteration a checkpoint of this project's scripts was written at (the k-NN curve's x), else None:
     the released models and bare state dicts do not record one (DINO's full checkpoints record only the epoch)."""
     it = ckpt.get("iteration") if isinstance(ckpt, dict) else None
-    return int(it) if isinstance(it, int) and not isinstance(it, bool) else None
+    return it if isinstance(it, int) and not isinstance(it, bool) else None
 
 
 def random_twin(model, seed, layerscale=0.1):
