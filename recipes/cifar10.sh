@@ -12,7 +12,7 @@
 # (4 x 250 = 1,000 iterations, 64,000 images, 1.28 passes over the train split).
 # Then, on the test split: k-NN of the last checkpoint and of the same network at initialisation
 # (--compare_init), a linear probe of the last checkpoint, and k-NN of the earlier epochs'
-# checkpoints (the figure's curve).
+# checkpoints (the figure's curve; CURVE_EPOCHS="4 8" evaluates those epochs' checkpoints only, default all).
 # STAGES selects what runs (default "train knn linear knn_curve"); EPOCH_LENGTH, EPOCHS, LINEAR_EPOCHS and
 # NUM_WORKERS shrink or grow the run (the CI test runs this file on a few hundred fake images); SEED (default 0,
 # the README's runs) changes the initialisation, the data order, the crops and the drop-path draws, to measure
@@ -27,6 +27,7 @@ LINEAR_EPOCHS=${LINEAR_EPOCHS:-1}
 NUM_WORKERS=${NUM_WORKERS:-1}
 SEED=${SEED:-0}
 STAGES=${STAGES:-train knn linear knn_curve}
+CURVE_EPOCHS=${CURVE_EPOCHS:-}
 read -r -a extra <<< "${EXTRA:-}"   # split on spaces; empty: no flags
 PYTHON=${PYTHON:-python}
 run() { echo "+ $*"; "$@"; }   # each command into the log, then run it
@@ -55,6 +56,14 @@ case $method in
 esac
 last=$(printf "%s/checkpoint%04d.pth" "$out" "$EPOCHS")
 evaluation=(--data "$data" --resize_size 32 --crop_size 32 --num_workers "$NUM_WORKERS")
+# checked before the training starts, not after it
+curve=()
+for epoch in $CURVE_EPOCHS; do
+  if ! [[ $epoch =~ ^[0-9]+$ ]] || [ "$((10#$epoch))" -lt 1 ] || [ "$((10#$epoch))" -ge "$EPOCHS" ]; then
+    echo "error: CURVE_EPOCHS holds '$epoch': give epochs from 1 to EPOCHS - 1 = $((EPOCHS - 1))" >&2; exit 2
+  fi
+  curve+=("$(printf "%s/checkpoint%04d.pth" "$out" "$((10#$epoch))")")
+done
 
 for stage in $STAGES; do
   case $stage in
@@ -64,10 +73,12 @@ for stage in $STAGES; do
     knn)  # the last checkpoint, and the same network at initialisation
       run $PYTHON eval_knn.py --checkpoint "$last" "${evaluation[@]}" --nb_knn 10 20 100 200 --compare_init ;;
     knn_curve)  # the earlier epochs' checkpoints, for the k-NN curve of plot_runs.py: one call, images decoded once
-      earlier=()
-      for ckpt in "$out"/checkpoint[0-9][0-9][0-9][0-9].pth; do
-        if [ "$ckpt" != "$last" ]; then earlier+=("$ckpt"); fi
-      done
+      earlier=(${curve[@]+"${curve[@]}"})
+      if [ -z "$CURVE_EPOCHS" ]; then
+        for ckpt in "$out"/checkpoint[0-9][0-9][0-9][0-9].pth; do
+          if [ "$ckpt" != "$last" ]; then earlier+=("$ckpt"); fi
+        done
+      fi
       if [ ${#earlier[@]} -gt 0 ]; then
         run $PYTHON eval_knn.py --checkpoint "${earlier[@]}" "${evaluation[@]}" --nb_knn 10 20 100 200
       fi ;;

@@ -50,17 +50,18 @@ def check_topk(res):
     assert 0.0 <= res["top1"] <= res["top5"] <= 100.0
 
 
-def run_recipe(method, data, out, seed=None, extra=None, python=(sys.executable,)):
-    env = dict(os.environ, EPOCH_LENGTH="2", EPOCHS="2", LINEAR_EPOCHS="1", NUM_WORKERS="0",
+def run_recipe(method, data, out, seed=None, extra=None, python=(sys.executable,), epochs=2, curve=None, rc=0):
+    env = dict(os.environ, EPOCH_LENGTH="2", EPOCHS=str(epochs), LINEAR_EPOCHS="1", NUM_WORKERS="0",
                PYTHON=" ".join(python), OMP_NUM_THREADS="1")
     env.pop("STAGES", None)                                # every stage
-    for name, value in {"SEED": seed, "EXTRA": extra}.items():
+    for name, value in {"SEED": seed, "EXTRA": extra, "CURVE_EPOCHS": curve}.items():
         env.pop(name, None)
         if value is not None:
             env[name] = value
     run = subprocess.run(["bash", os.path.join("recipes", "cifar10.sh"), method, data, out], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == rc, run.stderr[-3000:]
+    return run
 
 
 # the flags all four methods share in the recipe
@@ -108,6 +109,28 @@ def test_cifar10_recipe_gives_each_method_its_flags(method, tmp_path):
                           "--output_json", os.path.join(out, "linear.json")]
         assert curve == ["eval_knn.py", "--checkpoint", os.path.join(out, "checkpoint0001.pth"), *evaluation,
                          "--nb_knn", "10", "20", "100", "200"]                    # the earlier epochs only
+
+
+def test_cifar10_recipe_curve_epochs(tmp_path):
+    """CURVE_EPOCHS picks the curve's checkpoints (the long runs' 1,000 and 2,000 iterations of 11 epochs: "4 8");
+    an epoch that is not an earlier one stops the script with one line before anything is trained."""
+    recorder = tmp_path / "record.py"
+    recorder.write_text("import json, sys\nwith open(sys.argv[1], 'a') as f:\n"
+                        "    f.write(json.dumps(sys.argv[2:]) + '\\n')\n")
+    calls, out = tmp_path / "calls.jsonl", str(tmp_path / "out")
+    os.makedirs(out)
+    for epoch in range(1, 6):
+        open(os.path.join(out, f"checkpoint{epoch:04d}.pth"), "w").close()
+    python = (sys.executable, str(recorder), str(calls))
+    run_recipe("simdino", str(tmp_path / "data"), out, python=python, epochs=5, curve="2 04")
+    curve = json.loads(calls.read_text().splitlines()[-1])
+    assert curve[:4] == ["eval_knn.py", "--checkpoint", os.path.join(out, "checkpoint0002.pth"),
+                         os.path.join(out, "checkpoint0004.pth")] and curve[4] == "--data"
+    for bad in ("5", "0", "two", "3 -1"):                  # the last epoch is the knn stage's; 0 is no checkpoint
+        calls.unlink(missing_ok=True)
+        run = run_recipe("simdino", str(tmp_path / "data"), out, python=python, epochs=5, curve=bad, rc=2)
+        assert run.stderr.startswith("error: CURVE_EPOCHS") and len(run.stderr.splitlines()) == 1
+        assert not calls.exists()                           # nothing ran, the training least of all
 
 
 def test_cifar10_recipe_trains_and_evaluates(cifar_tree, tmp_path):
