@@ -59,10 +59,11 @@ evaluation=(--data "$data" --resize_size 32 --crop_size 32 --num_workers "$NUM_W
 # checked before the training starts, not after it
 curve=()
 for epoch in $CURVE_EPOCHS; do
-  if ! [[ $epoch =~ ^[0-9]+$ ]] || [ "$((10#$epoch))" -lt 1 ] || [ "$((10#$epoch))" -ge "$EPOCHS" ]; then
+  if [[ $epoch =~ ^[0-9]+$ ]]; then n=$((10#$epoch)); else n=0; fi   # 10#: "04" is 4, not octal
+  if [ "$n" -lt 1 ] || [ "$n" -ge "$EPOCHS" ]; then
     echo "error: CURVE_EPOCHS holds '$epoch': give epochs from 1 to EPOCHS - 1 = $((EPOCHS - 1))" >&2; exit 2
   fi
-  curve+=("$(printf "%s/checkpoint%04d.pth" "$out" "$((10#$epoch))")")
+  curve+=("$(printf "%s/checkpoint%04d.pth" "$out" "$n")")
 done
 
 for stage in $STAGES; do
@@ -73,8 +74,10 @@ for stage in $STAGES; do
     knn)  # the last checkpoint, and the same network at initialisation
       run $PYTHON eval_knn.py --checkpoint "$last" "${evaluation[@]}" --nb_knn 10 20 100 200 --compare_init ;;
     knn_curve)  # the earlier epochs' checkpoints, for the k-NN curve of plot_runs.py: one call, images decoded once
-      earlier=(${curve[@]+"${curve[@]}"})
-      if [ -z "$CURVE_EPOCHS" ]; then
+      if [ -n "$CURVE_EPOCHS" ]; then
+        earlier=("${curve[@]}")
+      else
+        earlier=()
         for ckpt in "$out"/checkpoint[0-9][0-9][0-9][0-9].pth; do
           if [ "$ckpt" != "$last" ]; then earlier+=("$ckpt"); fi
         done

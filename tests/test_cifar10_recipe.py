@@ -64,6 +64,15 @@ def run_recipe(method, data, out, seed=None, extra=None, python=(sys.executable,
     return run
 
 
+def write_recorder(tmp_path):
+    """A stand-in for python that appends its arguments to the file named first, as one JSON line, instead of
+    running them: PYTHON="python record.py calls.jsonl" records the recipe's commands."""
+    recorder = tmp_path / "record.py"
+    recorder.write_text("import json, sys\nwith open(sys.argv[1], 'a') as f:\n"
+                        "    f.write(json.dumps(sys.argv[2:]) + '\\n')\n")
+    return recorder
+
+
 # the flags all four methods share in the recipe
 SHARED = {"arch": "vit_tiny", "patch_size": 8, "global_crops_size": 32, "local_crops_size": 16,
           "local_crops_number": 4, "global_crops_scale": [0.25, 1.0], "local_crops_scale": [0.05, 0.25],
@@ -83,9 +92,7 @@ def test_cifar10_recipe_gives_each_method_its_flags(method, tmp_path):
     """The commands the recipe runs, recorded instead of run, the training's read back by the method's own
     parser: the shared flags, the method's own, SEED's default and another SEED, and EXTRA overriding the
     method's own (DINO's --momentum_teacher 0.996); then the evaluations' commands."""
-    recorder = tmp_path / "record.py"
-    recorder.write_text("import json, sys\nwith open(sys.argv[1], 'a') as f:\n"
-                        "    f.write(json.dumps(sys.argv[2:]) + '\\n')\n")
+    recorder = write_recorder(tmp_path)
     calls = tmp_path / "calls.jsonl"
     mod = __import__(method)
     for seed, extra in ((None, None), ("3", "--momentum_teacher 0 --final_momentum_teacher 0")):
@@ -114,9 +121,7 @@ def test_cifar10_recipe_gives_each_method_its_flags(method, tmp_path):
 def test_cifar10_recipe_curve_epochs(tmp_path):
     """CURVE_EPOCHS picks the curve's checkpoints (the long runs' 1,000 and 2,000 iterations of 11 epochs: "4 8");
     an epoch that is not an earlier one stops the script with one line before anything is trained."""
-    recorder = tmp_path / "record.py"
-    recorder.write_text("import json, sys\nwith open(sys.argv[1], 'a') as f:\n"
-                        "    f.write(json.dumps(sys.argv[2:]) + '\\n')\n")
+    recorder = write_recorder(tmp_path)
     calls, out = tmp_path / "calls.jsonl", str(tmp_path / "out")
     os.makedirs(out)
     for epoch in range(1, 6):
