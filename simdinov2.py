@@ -207,8 +207,11 @@ def default_cov_group_size(batch_size_per_gpu, recipe, world_size=1):
 # ----------------------------------------------------------------------------- recipe
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
-    """Per-iteration values (floats): linear warm-up from warmup_start to base, then cosine from base to final."""
-    warmup = np.linspace(warmup_start, base, warmup_epochs * iters_per_epoch)
+    """Per-iteration values (floats): linear warm-up from warmup_start to base, then cosine from base to final.
+    The SimDINO release's scheduler: warm-up step i of W is i / W of the way up, so the cosine starts at the peak
+    (DINO's and DINOv2's np.linspace reaches it at step W - 1 and holds it twice)."""
+    W = warmup_epochs * iters_per_epoch
+    warmup = warmup_start + (base - warmup_start) * np.arange(W) / max(W, 1)
     t = np.arange(epochs * iters_per_epoch - len(warmup))
     cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(len(t), 1)))
     return np.concatenate([warmup, cosine]).tolist()
@@ -906,7 +909,8 @@ def build_parser():
                    none.""")
     p.add_argument("--clip_grad", default=3.0, type=Ranged(float, "[0, inf)"),
                    help="""Clip the gradient norm of the backbone and of the projector, each as a whole, as DINOv2
-                   does (3.0). 0 disables.""")
+                   does (3.0). 0 trains without clipping (the release steps its optimiser only when clipping, so its
+                   clip_grad 0 never trains).""")
     p.add_argument("--batch_size_per_gpu", default=128, type=Ranged(int, "[1, inf)"),
                    help="""Images per process and step; the global batch is this times the number of processes
                    (Table 4: 128 x 8; the released ViT-B config file sets 64).""")

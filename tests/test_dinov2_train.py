@@ -4,18 +4,27 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import dinov2
 import vit
-from test_simdinov2 import released_cosine_scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
         "--local_crops_number", "2", "--proj_hidden_dim", "32", "--proj_dim", "8", "--out_dim", "32",
         "--data", "synthetic:32", "--batch_size_per_gpu", "8", "--epochs", "2", "--warmup_epochs", "1",
         "--warmup_teacher_temp_epochs", "1", "--num_workers", "0", "--log_every", "1", "--saveckp_freq", "1"]
+
+
+def released_cosine_scheduler(base_value, final_value, total_iters, warmup_iters=0, start_warmup_value=0.0):
+    """DINOv2's CosineScheduler (dinov2/utils/utils.py), transcribed: its per-iteration values (np.linspace warm-up;
+    the SimDINO release's differs, see test_simdinov2.py)."""
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+    iters = np.arange(total_iters - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup, schedule))
 
 
 def read_log(out):

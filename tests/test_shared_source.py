@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = ("simdino.py", "dino.py", "simdinov2.py", "dinov2.py")
 SHARED = {
     # the recipe
-    "cosine_schedule": ALL, "grad_norms": ALL, "update_teacher": ALL,
+    "cosine_schedule": ("simdino.py", "dino.py", "dinov2.py"), "grad_norms": ALL, "update_teacher": ALL,
     # the run machinery, under the banner that says it is the same in the four files
     "start_run": ALL, "run_length": ALL, "run_loader": ALL, "init_distributed": ALL, "distribute": ALL,
     "seed_all": ALL, "stream_seed": ALL, "RunSampler": ALL, "SeededViews": ALL, "seeded_collate": ALL,
@@ -28,6 +28,8 @@ SHARED = {
 }
 # Deliberate differences, with their reasons: each method's own model, loss, recipe, train() and flags
 # (build_parser, and check_args for the checks no single flag's range expresses);
+# simdinov2.py's cosine_schedule (the SimDINO release's scheduler warms up by i / W, where DINO's and DINOv2's
+# np.linspace give i / (W - 1));
 # clip_gradients of the v2 files (DINOv2 clips each head on its own: one head in SimDINOv2, two in DINOv2);
 # the v2 files' param_groups (DINOv2's layer-wise decay, and its prototype layers' group for the frozen epoch).
 

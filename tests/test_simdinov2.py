@@ -268,18 +268,39 @@ def run_a(tmp_path_factory):
     return out
 
 
-def released_cosine_scheduler(base_value, final_value, total_iters, warmup_iters=0, start_warmup_value=0.0):
-    """DINOv2's CosineScheduler (which the SimDINOv2 release uses), transcribed: its per-iteration values."""
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
-    iters = np.arange(total_iters - warmup_iters)
-    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
-    return np.concatenate((warmup, schedule))
+def released_cosine_scheduler(base_value, final_value, total_iters, warmup_iters=0, start_warmup_value=0.0,
+                              freeze_iters=0):
+    """The SimDINO release's CosineScheduler (simdinov2/utils/utils.py), transcribed: DINOv2's cosine array, read
+    through its own __getitem__, whose warm-up is a formula (the np.linspace of DINOv2 is commented out there)."""
+    iters = np.arange(total_iters - warmup_iters - freeze_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+
+    def getitem(it):
+        if it >= total_iters:
+            return final_value
+        if it < freeze_iters:
+            return 0.0
+        if it < freeze_iters + warmup_iters:
+            return start_warmup_value + (base_value - start_warmup_value) * (it - freeze_iters) / warmup_iters
+        return cosine[it - freeze_iters - warmup_iters]
+    return np.array([getitem(it) for it in range(total_iters)])
+
+
+def test_lr_warm_up_is_the_simdino_releases_not_dinov2s():
+    """Step i of W warm-up steps is i / W of the way up, and the cosine starts at the peak: DINOv2's linspace form
+    (i / (W - 1)) differs from the second step on, by up to 1 / (W - 1) of the lr."""
+    for warmup_epochs, iters_per_epoch, epochs in [(1, 4, 3), (2, 5, 4), (0, 3, 2), (10, 125, 100)]:
+        total, W = epochs * iters_per_epoch, warmup_epochs * iters_per_epoch
+        ours = simdinov2.cosine_schedule(0.004, 1e-6, epochs, iters_per_epoch, warmup_epochs, 1e-6)
+        assert ours == released_cosine_scheduler(0.004, 1e-6, total, W, start_warmup_value=1e-6).tolist()
+    ours = simdinov2.cosine_schedule(1.0, 0.0, 2, 4, 1, 0.0)
+    assert ours[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]                       # linspace would give 0, 1/3, 2/3, 1, 1
 
 
 def test_training_log_schedule_and_checkpoint(run_a):
     log = read_log(run_a)
     assert [r["iteration"] for r in log] == list(range(8))
-    assert log[3]["lr"] == pytest.approx(0.004 * (16 / 1024) ** 0.5)           # sqrt scaling, end of warm-up
+    assert log[4]["lr"] == pytest.approx(0.004 * (16 / 1024) ** 0.5)           # sqrt scaling, the peak after warm-up
     # the released schedules: lr warm-up from min_lr (not 0), then cosine to min_lr; weight decay and momentum cosine
     peak, total, warmup = 0.004 * (16 / 1024) ** 0.5, 8, 4
     expected = {"lr": released_cosine_scheduler(peak, 1e-6, total, warmup, start_warmup_value=1e-6),
@@ -304,6 +325,19 @@ def test_resume_reproduces_the_uninterrupted_run(run_a, tmp_path):
     for a, b in zip(resumed, full):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
         assert a["patch_distance"] == pytest.approx(b["patch_distance"], rel=1e-5, abs=1e-6)
+
+
+def test_clip_grad_0_trains_without_clipping(monkeypatch, tmp_path):
+    """--clip_grad 0 steps the optimiser every iteration without clipping (the release's clip_grad 0 never steps)."""
+    def no_clipping(*a):
+        raise AssertionError("clip_gradients called with --clip_grad 0")
+    steps = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(simdinov2, "clip_gradients", no_clipping)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or step(self, *a, **k))
+    simdinov2.train(simdinov2.get_args(TINY + ["--output_dir", str(tmp_path), "--clip_grad", "0", "--epochs", "1",
+                                               "--epoch_length", "2", "--saveckp_freq", "0"]))
+    assert len(steps) == 2
 
 
 @pytest.mark.parametrize("extra,phrase", [
