@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The CIFAR-10 recipe of the README's "Results on CIFAR-10": train one method, then evaluate it.
+# The CIFAR-10 recipe of docs/cifar10.md: train one method, then evaluate it.
 #
 #   bash recipes/cifar10.sh METHOD DATA OUT
 #
 #   METHOD  dino | simdino | dinov2 | simdinov2
-#   DATA    an ImageFolder tree with train/ and test/ (../shared/data/cifar10.tar.gz extracted),
+#   DATA    an ImageFolder tree with train/ and test/ (python recipes/cifar10_to_jpeg.py ROOT data/cifar10 writes it),
 #           or cifar10:ROOT for torchvision's CIFAR-10 files (downloaded into ROOT on first use)
 #   OUT     the run's folder: log.jsonl, one checkpoint per epoch, the evaluations' JSON files
 #
@@ -15,10 +15,10 @@
 # checkpoints (the figure's curve; CURVE_EPOCHS="4 8" evaluates those epochs' checkpoints only, default all).
 # STAGES selects what runs (default "train knn linear knn_curve"); EPOCH_LENGTH, EPOCHS, LINEAR_EPOCHS and
 # NUM_WORKERS shrink or grow the run (the CI test runs this file on a few hundred fake images); SEED (default 0,
-# the README's runs) changes the initialisation, the data order, the crops and the drop-path draws, to measure
+# the documented runs) changes the initialisation, the data order, the crops and the drop-path draws, to measure
 # run-to-run noise. EXTRA (default empty) holds flags appended to the training command after the method's own, so
 # they override both: EXTRA="--momentum_teacher 0 --final_momentum_teacher 0" trains without self-distillation
-# (the teacher is the student after every step, the paper's Table 9; README).
+# (the teacher is the student after every step, the paper's Table 9; docs/ablations.md).
 set -euo pipefail
 method=$1; data=$2; out=$3
 EPOCH_LENGTH=${EPOCH_LENGTH:-250}
@@ -32,7 +32,7 @@ read -r -a extra <<< "${EXTRA:-}"   # split on spaces; empty: no flags
 PYTHON=${PYTHON:-python}
 run() { echo "+ $*"; "$@"; }   # each command into the log, then run it
 
-# what all four share (the README explains each change from the ImageNet recipe)
+# what all four share (docs/cifar10.md explains each change from the ImageNet recipe)
 common=(--arch vit_tiny --patch_size 8 --drop_path_rate 0.1
         --global_crops_size 32 --global_crops_scale 0.25 1
         --local_crops_size 16 --local_crops_scale 0.05 0.25 --local_crops_number 4
@@ -42,14 +42,14 @@ case $method in
   # DINO and DINOv2: 4,096 prototypes instead of 65,536; the teacher temperature stays at 0.04, where
   # their schedules start (0.04 -> 0.07 over 30 epochs, longer than this whole run). With a one-epoch
   # warm-up, DINO's per-epoch schedule switches to 0.07 at iteration 250, and DINO collapsed to the
-  # uniform distribution right after (README)
+  # uniform distribution right after (docs/ablations.md)
   # DINO alone at its own teacher momentum, 0.996: at the others' 0.95 its teacher swung between near
   # one-hot and near uniform, then collapsed to uniform. Its own lr, 0.0005 per 256 images, did 0.7 points
-  # better than the others' 0.002 at 0.996; neither learned much in this budget (README, "Every run made")
+  # better than the others' 0.002 at 0.996; neither learned much in this budget (docs/cifar10.md, "Every run made")
   dino)      own=(--out_dim 4096 --teacher_temp 0.04 --warmup_teacher_temp_epochs 0 --lr 0.0005 --momentum_teacher 0.996) ;;
   dinov2)    own=(--out_dim 4096 --ibot_out_dim 4096 --teacher_temp 0.04 --warmup_teacher_temp_epochs 0) ;;
   # SimDINO: the coding-rate weight the paper's own batch gave, not this run's batch of 64. SimDINOv2: twice
-  # the paper's 0.0049, Algorithm 2's balance of its two distance terms against R_eps (README)
+  # the paper's 0.0049, Algorithm 2's balance of its two distance terms against R_eps (docs/cifar10.md)
   simdino)   own=(--gamma 0.00586) ;;
   simdinov2) own=(--gamma 0.0098) ;;
   *) echo "usage: bash recipes/cifar10.sh dino|simdino|dinov2|simdinov2 DATA OUT" >&2; exit 2 ;;

@@ -1,7 +1,7 @@
 """recipes/cifar10.sh: each method's commands as the script builds them, and the whole script for SimDINO on a
 few hundred fake CIFAR-sized JPEGs (the real-folder loader, k-NN with --compare_init, the linear probe and the
 k-NN curve), only shorter. The full runs are not a test; this checks that their code path works and writes what
-the README table and plot_runs.py read."""
+docs/cifar10.md's tables and plot_runs.py read."""
 import json
 import os
 import subprocess
