@@ -119,7 +119,9 @@ def get_args(argv=None):
     p.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process and forward pass (DINO: 128).")
     p.add_argument("--num_workers", default=8, type=int, help="Data-loading processes per GPU.")
     p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
-                   help="bf16 autocast for the backbone on CUDA (features are normalised in float32). Ignored on CPU.")
+                   help="""bf16 autocast for the backbone where the device computes bf16 natively (vit.bf16_native:
+                   a GPU of compute capability 8.0 or later, a CPU with AMX or AVX512-BF16), float32 elsewhere; the
+                   features are normalised and compared in float32 (docs/precision.md).""")
     p.add_argument("--save_features", default=None, metavar="DIR",
                    help="""Save the extracted train/val features and labels to DIR/knn_features.pth
                    (and DIR/knn_features_init.pth with --compare_init).""")
@@ -269,7 +271,7 @@ def extract_features(model, dataset, device, batch_size=128, num_workers=0, rank
     """
     model.eval()
     batches = share_batches(dataset, device, batch_size, num_workers, rank, world_size)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and vit.bf16_native(device))
     features, labels = [], []
     for x, y in tqdm(batches, desc="features", disable=rank != 0, dynamic_ncols=True):
         with autocast:

@@ -93,7 +93,9 @@ def get_args(argv=None):
     # Run
     p.add_argument("--num_workers", default=8, type=int, help="Data-loading processes per GPU.")
     p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
-                   help="bf16 autocast for the backbone on CUDA (the classifiers train in float32). Ignored on CPU.")
+                   help="""bf16 autocast for the backbone where the device computes bf16 natively (vit.bf16_native:
+                   a GPU of compute capability 8.0 or later, a CPU with AMX or AVX512-BF16), float32 elsewhere; the
+                   classifiers train in float32 (docs/precision.md).""")
     p.add_argument("--output_json", default=None,
                    help="""Where the result is written as JSON. Default:
                    <output_dir or the checkpoint's folder>/<checkpoint name>_linear.json.""")
@@ -204,7 +206,7 @@ def check_args(args):
 def probe(backbone, args, train_set, val_set, seed, rank, world_size, device):
     """Train one classifier per lr on the frozen backbone; -> (L, 2) val top-1 / top-5 of each."""
     backbone = backbone.to(device).eval().requires_grad_(False)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and vit.bf16_native(device))
 
     def feature_fn(x):                                                             # (B, 3, S, S) -> (B, F)
         with autocast:

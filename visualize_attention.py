@@ -24,9 +24,9 @@ are resized to the image's patch grid as the checkpoint's own code resizes them.
 
 and montage.png: one row per image (image, mean, each head, thresholded mean).
 
-The training path's fused attention (F.scaled_dot_product_attention) gives no attention probabilities: the
-blocks before the last run as in training, the last one is written out here (block_attention), and a test
-checks that it gives the fused block's output.
+The training path's attention (vit.attention: the fused F.scaled_dot_product_attention, or two matmuls for bf16
+on a CPU) returns no attention probabilities: the blocks before the last run as in training, the last one is
+written out here (block_attention), and a test checks that it gives the block's own output.
 """
 import argparse
 import math
@@ -49,7 +49,7 @@ VIRIDIS = np.array([[0.267004, 0.004874, 0.329415], [0.282623, 0.140926, 0.45751
 # ----------------------------------------------------------------------------- attention
 
 def block_attention(blk, x):
-    """One vit.Block written out, as its fused forward computes it in eval mode (no drop path):
+    """One vit.Block written out, as its forward computes it in eval mode (no drop path):
     (attention probabilities (B, heads, T, T), the block's output (B, T, D)) for its input tokens x (B, T, D)."""
     B, T, D = x.shape
     h = blk.attn.num_heads

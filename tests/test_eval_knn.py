@@ -19,7 +19,7 @@ import data
 import eval_knn
 import vit
 from PIL import Image
-from dist_step import free_port
+from dist_step import BF16_VS_FLOAT32, free_port, needs_native_bf16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "synthetic:30", "--resize_size", "18", "--crop_size", "16", "--num_workers", "0",
@@ -207,11 +207,24 @@ def test_checkpoint_layouts_give_the_source_features(layout, layouts):
     assert eval_knn.arch_name(model) == "vit_tiny/8"
     assert model.num_register_tokens == src.num_register_tokens
     images = torch.utils.data.TensorDataset(torch.randn(5, 3, 16, 16), torch.arange(5))
-    f, y = eval_knn.extract_features(model, images, torch.device("cpu"), batch_size=2)
+    f, y = eval_knn.extract_features(model, images, torch.device("cpu"), batch_size=2, bf16=False)
     torch.testing.assert_close(f, src(images.tensors[0]))
     assert torch.equal(y, torch.arange(5))
     assert not torch.allclose(f, other(images.tensors[0]))             # not the other network of the file
     assert args.get("seed", 0) == 0
+
+
+@needs_native_bf16
+def test_bf16_extraction_runs_the_backbone_in_bf16_and_returns_float32(layouts):
+    """--bf16 (the default) on a CPU that computes bf16 natively: the backbone under bf16 autocast, as on a GPU;
+    the features come back float32, within bf16 precision of float32 extraction (8 units of 2^-8 relative to each
+    feature's norm, tests/dist_step.py) and not equal to it."""
+    model, _ = eval_knn.load_backbone(layouts[0][LAYOUTS[0]][0], layouts[0][LAYOUTS[0]][1])
+    images = torch.utils.data.TensorDataset(torch.randn(5, 3, 16, 16), torch.arange(5))
+    low, _ = eval_knn.extract_features(model, images, torch.device("cpu"), batch_size=2)
+    ref, _ = eval_knn.extract_features(model, images, torch.device("cpu"), batch_size=2, bf16=False)
+    assert low.dtype == torch.float32 and not torch.equal(low, ref)
+    assert ((low - ref).norm(dim=1) <= BF16_VS_FLOAT32 * ref.norm(dim=1)).all()
 
 
 def test_student_asked_of_a_file_without_one(layouts, tmp_path):
@@ -458,7 +471,7 @@ def test_avgpool_patchtokens_feature_is_cls_and_mean_patch_of_the_checkpoint_and
     src = tiny(3, num_register_tokens=2)
     path = tmp_path / "checkpoint0001.pth"
     torch.save({"teacher": {f"backbone.{k}": v for k, v in src.state_dict().items()}, "args": {"seed": 5}}, path)
-    KS = ["--nb_knn", "1", "3", "7", "--temperature", "0.1"]
+    KS = ["--nb_knn", "1", "3", "7", "--temperature", "0.1", "--no-bf16"]      # features compared with float32's
     eval_knn.main(eval_knn.get_args(["--checkpoint", str(path), *SMALL, *KS, "--compare_init"]))
     cls_only = json.loads((tmp_path / "checkpoint0001_knn.json").read_text())
     capsys.readouterr()
