@@ -59,8 +59,8 @@ def script_calls(page):
         for cmd in shell_commands(body):
             if cmd[0] not in ("python", "python3", "torchrun"):
                 continue
-            if cmd[0].startswith("python") and cmd[1:2] == ["-m"]:
-                continue                                        # python -m pytest, pip: not this project's scripts
+            if cmd[0].startswith("python") and cmd[1:2] in (["-m"], ["-c"], ["-"]):
+                continue                                        # python -m pytest, -c / stdin code: not a script
             scripts = [i for i, t in enumerate(cmd) if t.endswith(".py")]
             assert scripts, f"{page}: no script in `{' '.join(cmd)}`"
             i = scripts[0]
