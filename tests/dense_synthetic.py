@@ -76,21 +76,22 @@ def band_set(root, n_train=16, n_val=8, grid=4, patch=8, num_classes=4, seed=0):
 
 
 def video_frames(rng, n_frames, h, w, n_objects=2):
-    """[(h, w, 3) uint8 frame, (h, w) object ids] of shapes that move, turn and grow or shrink."""
+    """[(h, w, 3) uint8 frame, (h, w) object ids] of shapes that move and grow or shrink."""
     bg = rng.uniform(0, 255, 3)
+    v_seed = int(rng.integers(1 << 30))
     objects = []
     for k in range(n_objects):
         objects.append({"shape": SYNTHETIC_SHAPES[int(rng.integers(len(SYNTHETIC_SHAPES)))],
                         "colour": rng.uniform(0, 255, 3), "pos": rng.uniform([0.25 * h, 0.25 * w], [0.75 * h, 0.75 * w]),
                         "vel": rng.uniform(-0.03, 0.03, 2) * (h, w), "r": rng.uniform(0.15, 0.25) * min(h, w),
-                        "grow": rng.uniform(0.97, 1.03), "angle": rng.uniform(0, 2 * np.pi), "spin": rng.uniform(-0.2, 0.2)})
+                        "grow": rng.uniform(0.97, 1.03)})
     out = []
     for t in range(n_frames):
         img = bg[None, None] + rng.normal(0, 6, (h, w, 3))
         ids = np.zeros((h, w), dtype=np.int64)
         for k, o in enumerate(objects):
             side = int(2 * o["r"] * o["grow"] ** t / 0.6) + 1                         # _shape_mask's diameter range
-            m = _shape_mask(o["shape"], side, np.random.default_rng([k, t]))         # (side, side), own placement
+            m = _shape_mask(o["shape"], side, np.random.default_rng([k, v_seed]))   # the same placement and angle
             m = m > 0.5
             cy, cx = (o["pos"] + t * o["vel"]).astype(int) - side // 2
             ys, xs = np.nonzero(m)
