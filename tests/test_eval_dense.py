@@ -268,3 +268,99 @@ def test_perfect_feature_gives_j_and_f_100(tmp_path):
     assert png.mode == "P" and png.getpalette()[3:6] == [128, 0, 0]
     np.testing.assert_array_equal(np.array(png), np.array(evs.Image.open(tmp_path / "bands" / "bands0" / "masks" /
                                                                          "00003.png")))
+
+
+# ----------------------------------------------------------------------------- the scripts, both layouts
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A ViT-T/8 in this project's checkpoint layout (teacher and student, args with the seed)."""
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
+    torch.manual_seed(3)
+    m = vit.vit_tiny(patch_size=8, img_size=16)
+    sd = {f"backbone.{k}": v for k, v in m.state_dict().items()}
+    torch.save({"teacher": sd, "student": sd, "iteration": 7, "args": {"seed": 0, "arch": "vit_tiny"}}, path)
+    return str(path)
+
+
+SEG = ["--crop_size", "32", "--img_scale", "96", "48", "--stride", "16", "--iterations", "20", "--warmup_iters", "5",
+       "--batch_size_per_gpu", "4", "--num_workers", "0"]
+VID = ["--short_side", "48", "--size_multiple", "8"]
+
+
+def test_seg_script_on_both_layouts(tiny_checkpoint, tmp_path, capsys):
+    ade = ds.segmentation_set(tmp_path / "ADEChallengeData2016", "ade20k", n_train=8, n_val=4)
+    folder = ds.segmentation_set(tmp_path / "folder", "folder", n_train=8, n_val=4)
+    eval_seg.main(eval_seg.get_args(["--checkpoint", tiny_checkpoint, "--data", ade, *SEG, "--compare_init",
+                                     "--output_dir", str(tmp_path)]))
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("linear segmentation (")]
+    assert len(lines) == 2 and "vit_tiny/8 teacher" in lines[0] and "random init, seed 0" in lines[1]
+    res = json.loads((tmp_path / "checkpoint_seg.json").read_text())      # the default name, in --output_dir
+    assert res["layout"] == "ade20k" and res["num_classes"] == 150 and len(res["per_class_IoU"]) == 150
+    assert res["num_train"] == 8 and res["num_val"] == 4 and res["iteration"] == 7 and res["batch_size"] == 4
+    present = {c for c in range(150) if res["per_class_Acc"][c] is not None}
+    assert present and max(present) <= 7                                  # 0 "other" ignored, shapes 1..7 -> 0..6, bg 0
+    for r in (res, res["init"]):
+        assert 0 <= r["mIoU"] <= 100 and 0 <= r["mAcc"] <= 100
+    out = tmp_path / "folder.json"
+    eval_seg.main(eval_seg.get_args(["--checkpoint", tiny_checkpoint, "--data", folder, *SEG, "--cache_features",
+                                     "--output_json", str(out)]))
+    res = json.loads(out.read_text())
+    assert res["layout"] == "folder" and res["num_classes"] == 8 and res["cache_features"] is True  # bg + 7 shapes
+
+
+def test_ade_labels_and_the_ignore_index(tmp_path):
+    ade = ds.segmentation_set(tmp_path / "ade", "ade20k", n_train=1, n_val=1)
+    folder = ds.segmentation_set(tmp_path / "folder", "folder", n_train=1, n_val=1)
+    raw = np.array(eval_seg.Image.open(os.path.join(folder, "train", "masks", "000.png")), dtype=np.int64)
+    a, f = eval_seg.SegFolder(ade, "train")[0][1], eval_seg.SegFolder(folder, "train", ignore_index=0)[0][1]
+    np.testing.assert_array_equal(a, raw)                                 # ADE's 1.. are 0..; its 0 is ignored
+    np.testing.assert_array_equal(f, np.where(raw == 0, eval_seg.IGNORE, raw))
+
+
+def test_video_script_on_both_layouts_gives_the_same_scores(tiny_checkpoint, tmp_path, capsys):
+    davis = ds.videos(tmp_path / "DAVIS", "davis", n_videos=2, n_frames=6)
+    folder = ds.videos(tmp_path / "videos", "folder", n_videos=2, n_frames=6)
+    evs.main(evs.get_args(["--checkpoint", tiny_checkpoint, "--data", davis, *VID, "--compare_init"]))
+    out = capsys.readouterr().out
+    assert "DAVIS (vit_tiny/8 teacher" in out and "DAVIS (vit_tiny/8 random init, seed 0" in out
+    res = json.loads(open(tiny_checkpoint.replace(".pth", "_davis.json")).read())   # beside the checkpoint
+    assert res["num_videos"] == 2 and res["num_objects"] == 4 and set(res["per_object"]) == {
+        "video0_1", "video0_2", "video1_1", "video1_2"}
+    assert res["J&F"] == pytest.approx((res["J"]["mean"] + res["F"]["mean"]) / 2)
+    pngs = sorted(os.listdir(os.path.join(res["predictions"], "video1")))
+    assert pngs == [f"{t:05d}.png" for t in range(6)] and os.path.isdir(os.path.join(res["predictions"], "init"))
+    evs.main(evs.get_args(["--checkpoint", tiny_checkpoint, "--data", folder, *VID, "--output_dir",
+                           str(tmp_path / "f")]))
+    again = json.loads((tmp_path / "f" / "checkpoint_davis.json").read_text())
+    assert again["per_object"] == res["per_object"] and again["J&F"] == res["J&F"]
+
+
+# ----------------------------------------------------------------------------- 2 processes = 1
+
+def dist_worker(rank, world_size, port, script, argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    script.main(script.get_args(argv))
+
+
+def test_two_processes_give_the_numbers_of_one(tiny_checkpoint, tmp_path):
+    """The augmented views are seeded per image and epoch, the global batch is cut the same way, BN statistics and
+    the loss's normaliser are global, the val images and videos shared out: the same scores."""
+    seg = ds.segmentation_set(tmp_path / "seg", "folder", n_train=8, n_val=5)
+    vids = ds.videos(tmp_path / "vids", "folder", n_videos=3, n_frames=5)
+    runs = {}
+    for n in (1, 2):
+        seg_argv = ["--checkpoint", tiny_checkpoint, "--data", seg, *SEG, "--batch_size_per_gpu", str(4 // n),
+                    "--output_json", str(tmp_path / f"seg{n}.json")]
+        vid_argv = ["--checkpoint", tiny_checkpoint, "--data", vids, *VID, "--output_dir", str(tmp_path / f"v{n}")]
+        for script, argv in ((eval_seg, seg_argv), (evs, vid_argv)):
+            mp.start_processes(dist_worker, args=(n, free_port(), script, argv), nprocs=n, start_method="fork")
+        runs[n] = (json.loads((tmp_path / f"seg{n}.json").read_text()),
+                   json.loads((tmp_path / f"v{n}" / "checkpoint_davis.json").read_text()))
+    (seg1, vid1), (seg2, vid2) = runs[1], runs[2]
+    assert seg2["batch_size"] == seg1["batch_size"] == 4
+    for k in ("mIoU", "mAcc", "aAcc"):
+        assert seg2[k] == pytest.approx(seg1[k], abs=1e-3), k
+    assert vid2["per_object"] == vid1["per_object"] and vid2["J&F"] == vid1["J&F"]
