@@ -78,7 +78,8 @@ def get_args(argv=None):
                    rescaled with the batch (mmsegmentation does not).""")
     p.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay (DINOv2: 1e-4; iBOT: 0.05).")
     p.add_argument("--warmup_iters", default=1500, type=int,
-                   help="Linear warm-up from 1e-6 x lr (DINOv2, iBOT: 1,500 iterations), then poly decay (power 1) to 0.")
+                   help="""Linear warm-up from 1e-6 x lr (DINOv2, iBOT: 1,500 iterations), then poly decay (power 1)
+                   to 0.""")
     # Data
     p.add_argument("--data", default=None,
                    help="""ADEChallengeData2016 as released, or a folder DIR/{train,val}/images/ with
@@ -88,7 +89,8 @@ def get_args(argv=None):
     p.add_argument("--ignore_index", default=255, type=int,
                    help="Mask value of unlabelled pixels in a generic folder (mmsegmentation: 255). ADE20K: its 0.")
     p.add_argument("--crop_size", default=512, type=int,
-                   help="Side of the training crops and of the sliding windows (DINOv2, iBOT: 512); a multiple of the patch size.")
+                   help="""Side of the training crops and of the sliding windows (DINOv2, iBOT: 512); a multiple of
+                   the patch size.""")
     p.add_argument("--img_scale", default=[2048, 512], type=int, nargs=2, metavar=("LONG", "SHORT"),
                    help="""Images are rescaled (aspect kept) to fit LONG x SHORT: training at a random ratio 0.5-2 of
                    it, evaluation at it (mmsegmentation's ADE20K: 2048 512).""")
@@ -109,7 +111,8 @@ def get_args(argv=None):
     p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
                    help="bf16 autocast for the backbone on CUDA (the head trains in float32). Ignored on CPU.")
     p.add_argument("--output_json", default=None,
-                   help="Where the result goes. Default: <output_dir or the checkpoint's folder>/<checkpoint name>_seg.json.")
+                   help="""Where the result goes. Default: <output_dir or the checkpoint's folder>/<checkpoint
+                   name>_seg.json.""")
     p.add_argument("--output_dir", default=None, help="Folder for the default JSON file (default: the checkpoint's).")
     return p.parse_args(argv)
 
@@ -130,7 +133,8 @@ class SegFolder(torch.utils.data.Dataset):
             raise DataError(f"--data {root}: no {img_dir}; expected ADE20K's images/{{training,validation}}/ or "
                             f"{os.path.join(root, '{train,val}', 'images')}/ with masks/ beside")
         files = sorted(f for f in os.listdir(img_dir) if _is_image(f))
-        self.pairs = [(os.path.join(img_dir, f), os.path.join(mask_dir, os.path.splitext(f)[0] + ".png")) for f in files]
+        self.pairs = [(os.path.join(img_dir, f), os.path.join(mask_dir, os.path.splitext(f)[0] + ".png"))
+                      for f in files]
         missing = [m for _, m in self.pairs if not os.path.exists(m)]
         if not self.pairs or missing:
             raise DataError(f"--data {root}: {len(self.pairs)} images in {img_dir}, {len(missing)} of them without "
@@ -262,16 +266,11 @@ class CentreViews(torch.utils.data.Dataset):
 def batch_keys(n, batch_size, world_size, rank, iterations, seed):
     """Per iteration, this process's keys (epoch * n + i): each epoch is one permutation of the n images (seeded by
     (seed, epoch)) cut into global batches of batch_size x world_size; process r takes the r-th slice of each."""
-    keys, epoch, pos, perm = [], 0, 0, None
-    g = batch_size * world_size
-    stream = []
-    while len(stream) < iterations * g:
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        stream.extend((epoch * n + perm).tolist())
+    g, stream, epoch = batch_size * world_size, [], 0
+    while len(stream) < iterations * g:                                          # whole epochs, one after the other
+        stream.extend((epoch * n + np.random.default_rng([seed, epoch]).permutation(n)).tolist())
         epoch += 1
-    for it in range(iterations):
-        keys.append(stream[it * g + rank * batch_size: it * g + (rank + 1) * batch_size])
-    return keys
+    return [stream[it * g + rank * batch_size: it * g + (rank + 1) * batch_size] for it in range(iterations)]
 
 
 # ----------------------------------------------------------------------------- features and head
@@ -460,7 +459,8 @@ def count_classes(train_set, args):
     top = max(int(train_set.labels(i).max(initial=-1)) for i in range(len(train_set)))
     n = args.num_classes or top + 1
     if top >= n or n < 2:
-        raise DataError(f"--data {args.data}: train masks hold label {top}, so --num_classes {n} is too small (or < 2); "
+        raise DataError(f"--data {args.data}: train masks hold label {top}, so --num_classes {n} is too small "
+                        f"(or < 2); "
                         f"pass --num_classes above every label, and --ignore_index for unlabelled pixels")
     return n
 
@@ -521,8 +521,9 @@ def main(args):
     if not 1 <= args.n_last_blocks <= len(model.blocks):
         fail(f"--n_last_blocks {args.n_last_blocks} must be between 1 and the backbone's {len(model.blocks)} blocks")
     if not os.path.isdir(args.data):
-        raise DataError(f"--data {args.data} is not a folder: pass ADEChallengeData2016 or a folder with train/ and val/")
-    train_set, val_set = SegFolder(args.data, "train", args.ignore_index), SegFolder(args.data, "val", args.ignore_index)
+        raise DataError(f"--data {args.data} is not a folder: pass ADEChallengeData2016 or a folder with train/ and "
+                        f"val/")
+    train_set, val_set = (SegFolder(args.data, s, args.ignore_index) for s in ("train", "val"))
     num_classes = count_classes(train_set, args)
     seed, ls, source = init_settings(args, ckpt_args)
     init_name, init_fields = init_floor(model, seed, ls, source)

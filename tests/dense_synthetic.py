@@ -82,7 +82,8 @@ def video_frames(rng, n_frames, h, w, n_objects=2):
     objects = []
     for k in range(n_objects):
         objects.append({"shape": SYNTHETIC_SHAPES[int(rng.integers(len(SYNTHETIC_SHAPES)))],
-                        "colour": rng.uniform(0, 255, 3), "pos": rng.uniform([0.25 * h, 0.25 * w], [0.75 * h, 0.75 * w]),
+                        "colour": rng.uniform(0, 255, 3),
+                        "pos": rng.uniform([0.25 * h, 0.25 * w], [0.75 * h, 0.75 * w]),
                         "vel": rng.uniform(-0.03, 0.03, 2) * (h, w), "r": rng.uniform(0.15, 0.25) * min(h, w),
                         "grow": rng.uniform(0.97, 1.03)})
     out = []

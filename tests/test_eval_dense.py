@@ -364,3 +364,60 @@ def test_two_processes_give_the_numbers_of_one(tiny_checkpoint, tmp_path):
     for k in ("mIoU", "mAcc", "aAcc"):
         assert seg2[k] == pytest.approx(seg1[k], abs=1e-3), k
     assert vid2["per_object"] == vid1["per_object"] and vid2["J&F"] == vid1["J&F"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def assert_clean_error(returncode, stderr, phrase):
+    assert returncode != 0
+    assert "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and phrase in last, stderr
+
+
+def bad_data(tmp_path):
+    """A generic seg folder with an image whose mask is missing, one whose masks hold label 7, a video folder whose
+    first frame has no mask, and an empty folder."""
+    seg = ds.segmentation_set(tmp_path / "seg", "folder", n_train=2, n_val=1)
+    nomask = ds.segmentation_set(tmp_path / "nomask", "folder", n_train=2, n_val=1)
+    os.remove(os.path.join(nomask, "train", "masks", "001.png"))
+    vids = ds.videos(tmp_path / "vids", "folder", n_videos=1, n_frames=3)
+    os.remove(os.path.join(vids, "video0", "masks", "00000.png"))
+    (tmp_path / "empty").mkdir()
+    return seg, nomask, vids, str(tmp_path / "empty")
+
+
+SEG_CASES = ["no data", "missing mask", "too few classes", "crop not divisible", "too many blocks", "bad ratio"]
+VID_CASES = ["no data", "first mask missing", "no videos", "video list missing", "topk 0"]
+
+
+@pytest.mark.parametrize("script,case", [("seg", c) for c in SEG_CASES] + [("video", c) for c in VID_CASES])
+def test_bad_input_in_process(script, case, tiny_checkpoint, tmp_path):
+    seg, nomask, vids, empty = bad_data(tmp_path)
+    ck = ["--checkpoint", tiny_checkpoint]
+    cases = {("seg", "no data"): (ck + SEG, "pass --data DIR"),
+             ("seg", "missing mask"): (ck + SEG + ["--data", nomask], "1 of them without a mask"),
+             ("seg", "too few classes"): (ck + SEG + ["--data", seg, "--num_classes", "3"],
+                                          "--num_classes 3 is too small"),
+             ("seg", "crop not divisible"): (ck + ["--data", seg, "--crop_size", "12"],
+                                             "not divisible by the patch size 8"),
+             ("seg", "too many blocks"): (ck + SEG + ["--data", seg, "--n_last_blocks", "13"], "between 1 and"),
+             ("seg", "bad ratio"): (ck + SEG + ["--data", seg, "--ratio_range", "2", "1"], "need 0 < low <= high"),
+             ("video", "no data"): (ck + VID, "pass --data DIR"),
+             ("video", "first mask missing"): (ck + VID + ["--data", vids], "no mask of its first frame 00000.jpg"),
+             ("video", "no videos"): (ck + VID + ["--data", empty], "holds no videos"),
+             ("video", "video list missing"): (ck + VID + ["--data", vids, "--video_list", "nope.txt"],
+                                               "does not exist"),
+             ("video", "topk 0"): (ck + VID + ["--data", vids, "--topk", "0"], "--topk 0 must be positive")}
+    argv, phrase = cases[(script, case)]
+    with pytest.raises(SystemExit) as e:
+        (eval_seg if script == "seg" else evs).cli(argv)
+    assert_clean_error(1, str(e.value.code), phrase)
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    """As a user runs it (one run: both scripts end in the same cli())."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval_video_segmentation.py"), "--checkpoint",
+                        str(tmp_path / "nope.pth"), "--data", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert_clean_error(p.returncode, p.stderr, "does not exist")
