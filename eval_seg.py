@@ -478,8 +478,23 @@ def cached_batches(feature_fn, views, keys, device, rank, world_size):
     if world_size > 1:
         feats = gather_in_order(feats.to(device), len(views), world_size).cpu()
         labels = gather_in_order(labels.to(device).int(), len(views), world_size).short().cpu()
-    n = len(views)
-    return feats, [(feats[[k % n for k in ks]], labels[[k % n for k in ks]].long()) for ks in keys]
+    return CachedBatches(feats, labels, keys)
+
+
+class CachedBatches:
+    """The batches of keys (one list per iteration) read from cached features (N, D', h, w) and labels (N, S, S)."""
+
+    def __init__(self, feats, labels, keys):
+        self.feats, self.labels, self.keys = feats, labels, keys
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __iter__(self):
+        n = len(self.feats)
+        for ks in self.keys:
+            idx = [k % n for k in ks]
+            yield self.feats[idx], self.labels[idx].long()
 
 
 def run(backbone, args, train_set, val_set, num_classes, seed, device, rank, world_size):
@@ -493,7 +508,7 @@ def run(backbone, args, train_set, val_set, num_classes, seed, device, rank, wor
 
     keys = batch_keys(len(train_set), args.batch_size_per_gpu, world_size, rank, args.iterations, seed)
     if args.cache_features:
-        _, batches = cached_batches(feature_fn, CentreViews(train_set, args), keys, device, rank, world_size)
+        batches = cached_batches(feature_fn, CentreViews(train_set, args), keys, device, rank, world_size)
         fn = (lambda f: f.float())
     else:
         batches = torch.utils.data.DataLoader(TrainViews(train_set, args, seed), batch_sampler=keys,

@@ -39,12 +39,12 @@ def write_pair(img, labels, img_path, mask_path):
     Image.fromarray(labels.astype(np.uint8)).save(mask_path)
 
 
-def segmentation_set(root, layout="folder", n_train=48, n_val=16, size=(48, 48), seed=0):
-    """Shapes scenes under root in the given layout ("ade20k" or "folder"); -> root."""
+def segmentation_set(root, layout="folder", n_train=48, n_val=16, size=(48, 48), shapes=(2, 3), seed=0):
+    """Scenes of `shapes` (low, high) shapes under root in the given layout ("ade20k" or "folder"); -> root."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):
         for i in range(n):
-            img, labels = shapes_scene(rng, *size, int(rng.integers(2, 4)))
+            img, labels = shapes_scene(rng, *size, int(rng.integers(shapes[0], shapes[1] + 1)))
             if layout == "ade20k":
                 sub = {"train": "training", "val": "validation"}[split]
                 write_pair(img, labels + 1, os.path.join(root, "images", sub, f"ADE_{i:05d}.jpg"),   # 0 "other"
