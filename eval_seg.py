@@ -175,8 +175,9 @@ def resize(img, labels, size):
 
 def photometric_distortion(x, rng):
     """mmsegmentation's PhotoMetricDistortion on (3, H, W) float 0..255: each with probability 1/2, brightness +-32,
-    contrast x 0.5-1.5 (before or after the rest, at random), saturation x 0.5-1.5 and hue +-18 (of 180) in HSV;
-    8-bit truncation after each step as there. HSV is PIL's (H in 256 steps), not OpenCV's (180)."""
+    contrast x 0.5-1.5 (before or after the rest, at random), saturation x 0.5-1.5 and hue -18..17 (of 180) in HSV;
+    8-bit truncation after each step as there. HSV is PIL's (H in 256 steps), not OpenCV's (180), and saturation and
+    hue share one round trip through it where mmsegmentation makes one each."""
     def u8(t):
         return t.clamp(0, 255).floor()
     if rng.integers(2):
@@ -185,7 +186,7 @@ def photometric_distortion(x, rng):
     if mode == 1 and rng.integers(2):
         x = u8(x * rng.uniform(0.5, 1.5))
     sat, hue = rng.integers(2), rng.integers(2)
-    alpha, delta = (rng.uniform(0.5, 1.5) if sat else 1.0), (rng.integers(-18, 19) if hue else 0)
+    alpha, delta = (rng.uniform(0.5, 1.5) if sat else 1.0), (rng.integers(-18, 18) if hue else 0)   # numpy's: -18..17
     if sat or hue:
         hsv = np.array(Image.fromarray(x.permute(1, 2, 0).numpy().astype(np.uint8)).convert("HSV")).astype(np.float64)
         hsv[..., 1] = np.clip(hsv[..., 1] * alpha, 0, 255).astype(np.uint8)

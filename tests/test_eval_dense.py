@@ -421,3 +421,21 @@ def test_bad_input_from_the_command_line(tmp_path):
                         str(tmp_path / "nope.pth"), "--data", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert_clean_error(p.returncode, p.stderr, "does not exist")
+
+
+def test_training_views_are_seeded_per_image_and_epoch_and_crops_avoid_one_class(tmp_path):
+    data = ds.segmentation_set(tmp_path / "seg", "folder", n_train=3, n_val=1)
+    args = eval_seg.get_args(["--data", data, *SEG])
+    views = eval_seg.TrainViews(eval_seg.SegFolder(data, "train"), args, seed=0)
+    (x0, y0), (x0b, y0b), (x1, _) = views[4], views[4], views[1 * 3 + 1 + 3]       # key = epoch * 3 + image
+    assert x0.shape == (3, 32, 32) and y0.shape == (32, 32)
+    assert torch.equal(x0, x0b) and torch.equal(y0, y0b) and not torch.equal(x0, x1)
+    # a crop is redrawn while one class covers >= 75 % of it: left half class 0, right half class 1
+    labels = torch.zeros(64, 64, dtype=torch.long)
+    labels[:, 32:] = 1
+    for seed in range(5):
+        top, left = eval_seg.random_crop_box(labels, 32, np.random.default_rng(seed))
+        counts = torch.bincount(labels[top:top + 32, left:left + 32].flatten(), minlength=2)
+        assert counts.min() > 0 and counts.max() / counts.sum() < 0.75
+    assert torch.equal(torch.as_tensor(eval_seg.batch_keys(4, 2, 1, 0, 3, 0)).flatten(),
+                       torch.cat([torch.as_tensor(eval_seg.batch_keys(4, 1, 2, r, 3, 0)) for r in (0, 1)], 1).flatten())
