@@ -94,7 +94,7 @@ def get_args(argv=None):
     p.add_argument("--img_scale", default=[2048, 512], type=int, nargs=2, metavar=("LONG", "SHORT"),
                    help="""Images are rescaled (aspect kept) to fit LONG x SHORT: training at a random ratio 0.5-2 of
                    it, evaluation at it (mmsegmentation's ADE20K: 2048 512).""")
-    p.add_argument("--ratio_range", default=[0.5, 2.0], type=float, nargs=2,
+    p.add_argument("--ratio_range", default=[0.5, 2.0], type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="Training rescale ratios (mmsegmentation: 0.5 2.0).")
     p.add_argument("--eval_mode", default="slide", choices=["slide", "whole"],
                    help="""Evaluation over sliding --crop_size windows, logits averaged (DINOv2, iBOT: slide), or the
