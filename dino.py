@@ -104,7 +104,8 @@ class DINOHead(nn.Module):
         self.last_layer = WeightNormLinear(out_dim, num_prototypes, train_norm=not norm_last_layer)
 
     def forward(self, x):                                           # (..., D)
-        x = F.normalize(self.mlp(x).float(), dim=-1)                # (..., d), unit norm
+        x = self.mlp(x)                                             # (..., d), bf16 under autocast
+        x = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)   # unit norm, float32 or better
         with torch.autocast(x.device.type, enabled=False):          # float32: bf16 would round a score near 1 by up
             return self.last_layer(x)                               # to 0.004, i.e. 0.1 after / tau_t. (B, K)
 
@@ -248,8 +249,8 @@ def update_teacher(teacher, student, momentum):
 
 def train(args):
     rank, world_size, device, ckpt_path = start_run(args)          # checks every flag; nothing written yet
-    bf16 = device.type == "cuda" and args.bf16
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    bf16 = use_bf16(args, device, rank)                               # --bf16 where the device computes bf16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     # ---- data: 2 global + local_crops_number local crops of every image
     transform = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
@@ -281,7 +282,8 @@ def train(args):
     if rank == 0:
         print(f"DINO {args.arch}/{args.patch_size}: {len(dataset)} images, {world_size} process(es), global batch "
               f"{global_batch}, {args.out_dim} prototypes, "
-              f"{args.epochs} epochs of {iters_per_epoch} iterations, from iteration {start_it}", flush=True)
+              f"{args.epochs} epochs of {iters_per_epoch} iterations, from iteration {start_it}, "
+              f"precision {'bf16 autocast' if bf16 else 'float32'}", flush=True)
     progress = Progress(args, rank, world_size, device, start_it, iters_per_epoch, ckpt_path, dataset)
 
     # ---- the DINO step, one iteration per batch
@@ -369,6 +371,16 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def use_bf16(args, device, rank):
+    """--bf16 where the device computes bf16 natively (vit.bf16_native); elsewhere float32, with a note."""
+    if args.bf16 and not vit.bf16_native(device):
+        if rank == 0:
+            print(f"note: --bf16: this {device.type.upper()} computes bf16 only by emulation (a CPU without AMX or "
+                  f"AVX512-BF16, a GPU under compute capability 8.0): training in float32", flush=True)
+        return False
+    return args.bf16
+
+
 def distribute(student, teacher, args, world_size, bf16=False):
     """Wrap for multi-process training: DDP (default) or FSDP2. Returns the module to call.
 
@@ -386,7 +398,9 @@ def distribute(student, teacher, args, world_size, bf16=False):
     if not args.fsdp:   # no batch norm here: the buffers are constants, which DDP would broadcast every forward
         return nn.parallel.DistributedDataParallel(student, broadcast_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    # inputs not cast: the residual stream stays float32 as under DDP's autocast, only the matmuls run in bf16
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     for net in (student, teacher):            # same sharding, so the EMA is a local op on each shard
         for m in net.modules():
             if getattr(m, "float32_params", False):
@@ -746,8 +760,10 @@ def add_run_flags(p):
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="Recompute the student's block activations in backward: far less memory, 1/3 more compute.")
     p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
-                   help="""bf16 autocast on CUDA, the losses in float32 or better; with --fsdp the parameters are
-                   gathered in bf16 too, gradients reduced in float32. Ignored on CPU.""")
+                   help="""bf16 autocast of the forwards on a device that computes bf16 natively (a GPU of compute
+                   capability 8.0 or later; a CPU with AMX or AVX512-BF16), the losses in float32 or better, the
+                   parameters and optimiser state in float32; with --fsdp the parameters are gathered in bf16,
+                   gradients reduced in float32. Elsewhere float32, with a note (docs/precision.md).""")
 
 
 def check_shared_args(args):

@@ -73,8 +73,9 @@ class Projector(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):                        # (..., D)
-        return F.normalize(self.mlp(x), dim=-1)  # (..., d), unit norm
+    def forward(self, x):                                           # (..., D)
+        x = self.mlp(x)                                             # (..., d), bf16 under autocast
+        return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)   # unit norm, float32 or better
 
 
 class Network(nn.Module):
@@ -234,8 +235,8 @@ def update_teacher(teacher, student, momentum):
 
 def train(args):
     rank, world_size, device, ckpt_path = start_run(args)          # checks every flag; nothing written yet
-    bf16 = device.type == "cuda" and args.bf16
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    bf16 = use_bf16(args, device, rank)                               # --bf16 where the device computes bf16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     # ---- data: 2 global + local_crops_number local crops of every image
     transform = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
@@ -268,7 +269,8 @@ def train(args):
         print(f"SimDINO {args.arch}/{args.patch_size}: {len(dataset)} images, {world_size} process(es), global "
               f"batch {global_batch}, gamma {gamma:.4g}, eps {args.eps:.4g}, coding rate on groups of "
               f"{args.cov_group_size}{f' spanning {span} processes' if span > 1 else ''}, {args.epochs} epochs of "
-              f"{iters_per_epoch} iterations, from iteration {start_it}", flush=True)
+              f"{iters_per_epoch} iterations, from iteration {start_it}, "
+              f"precision {'bf16 autocast' if bf16 else 'float32'}", flush=True)
     progress = Progress(args, rank, world_size, device, start_it, iters_per_epoch, ckpt_path, dataset)
 
     # ---- Algorithm 1, one iteration per batch
@@ -352,6 +354,16 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def use_bf16(args, device, rank):
+    """--bf16 where the device computes bf16 natively (vit.bf16_native); elsewhere float32, with a note."""
+    if args.bf16 and not vit.bf16_native(device):
+        if rank == 0:
+            print(f"note: --bf16: this {device.type.upper()} computes bf16 only by emulation (a CPU without AMX or "
+                  f"AVX512-BF16, a GPU under compute capability 8.0): training in float32", flush=True)
+        return False
+    return args.bf16
+
+
 def distribute(student, teacher, args, world_size, bf16=False):
     """Wrap for multi-process training: DDP (default) or FSDP2. Returns the module to call.
 
@@ -369,7 +381,9 @@ def distribute(student, teacher, args, world_size, bf16=False):
     if not args.fsdp:   # no batch norm here: the buffers are constants, which DDP would broadcast every forward
         return nn.parallel.DistributedDataParallel(student, broadcast_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    # inputs not cast: the residual stream stays float32 as under DDP's autocast, only the matmuls run in bf16
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     for net in (student, teacher):            # same sharding, so the EMA is a local op on each shard
         for m in net.modules():
             if getattr(m, "float32_params", False):
@@ -729,8 +743,10 @@ def add_run_flags(p):
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="Recompute the student's block activations in backward: far less memory, 1/3 more compute.")
     p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
-                   help="""bf16 autocast on CUDA, the losses in float32 or better; with --fsdp the parameters are
-                   gathered in bf16 too, gradients reduced in float32. Ignored on CPU.""")
+                   help="""bf16 autocast of the forwards on a device that computes bf16 natively (a GPU of compute
+                   capability 8.0 or later; a CPU with AMX or AVX512-BF16), the losses in float32 or better, the
+                   parameters and optimiser state in float32; with --fsdp the parameters are gathered in bf16,
+                   gradients reduced in float32. Elsewhere float32, with a note (docs/precision.md).""")
 
 
 def check_shared_args(args):

@@ -5,8 +5,8 @@ with the options the four recipes need: register tokens (Darcet et al. 2024),
 layerscale, stochastic depth, a learned mask token for masked image modelling, and
 position embeddings interpolated to any crop size so 224 px global and 96 px local
 crops go through one model (bicubic, in DINO's or DINOv2's exact form: `interpolate_offset`,
-`interpolate_antialias`). Attention runs through `F.scaled_dot_product_attention`,
-which picks a fused (flash / memory-efficient) kernel on GPU.
+`interpolate_antialias`). Attention runs through `F.scaled_dot_product_attention`'s fused
+kernels on GPU, and as two matmuls on a CPU computing in bf16, where that is faster (`attention`).
 
 Parameter names follow the DINO and DINOv2 releases (`cls_token`, `pos_embed`,
 `patch_embed.proj`, `blocks.i.attn.qkv`, `blocks.i.ls1.gamma`, `register_tokens`,
@@ -35,12 +35,33 @@ class CheckpointError(Exception):
 
 # ----------------------------------------------------------------------------- modules
 
+def bf16_native(device):
+    """Whether the device computes bf16 natively, which makes bf16 autocast worth it: a CUDA GPU of compute
+    capability 8.0 or later (A100, H100, ...), or a CPU with bf16 instructions, AMX (Xeons since Sapphire Rapids)
+    or AVX512-BF16 (Cooper Lake, AMD Zen 4 and later), as the CPU reports them to PyTorch (torch.cpu's capability
+    flags, which ask the CPU itself). Elsewhere bf16 is emulated: slower than float32, with nothing to gain."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    flags = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")   # torch.cpu's; private: a missing one is False
+    return device.type == "cpu" and any(getattr(torch.cpu, f, lambda: False)() for f in flags)
+
+
 def drop_path(x, p, training: bool):
     """Stochastic depth: drop the residual branch for a random subset of samples, with probability p (0-dim tensor)."""
     if not training:
         return x
     keep = (torch.rand(x.shape[0], *(1,) * (x.ndim - 1), device=x.device) >= p).to(x.dtype)  # (B, 1, 1)
     return x * keep / (1 - p)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed in float32 or better whatever the dtype of its parameters, as CUDA's autocast runs it:
+    under FSDP2's bf16 parameters the float32 residual stream is normalised with float32 weights, on any device
+    (the CPU's layer_norm takes no bf16 weights for float32 inputs)."""
+
+    def forward(self, x):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype), self.eps)
 
 
 class Mlp(nn.Module):
@@ -54,6 +75,23 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v for q, k, v (B, heads, N, d), exact, in the formulation fastest where it runs:
+    F.scaled_dot_product_attention (its fused flash / memory-efficient kernels) on CUDA, and on the CPU in float32;
+    on the CPU in bf16, two batched matmuls around a softmax, which run on the CPU's bf16 matrix units while
+    PyTorch's CPU flash kernel is 1.5-4x slower at the 5-257 tokens of this project's crops (docs/precision.md)."""
+    if q.is_cuda or q.dtype != torch.bfloat16:
+        return F.scaled_dot_product_attention(q, k, v)
+    return explicit_attention(q, k, v)
+
+
+def explicit_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v written out: (B, heads, N, d) -> (B, heads, N, d), the scores (B, heads, N, N)
+    held in memory (at 257 tokens, 0.13 MB per image and head in bf16)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                    # (B, heads, N, N)
+    return scores.softmax(dim=-1) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
@@ -65,7 +103,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)    # each (B, heads, N, C/heads)
-        x = F.scaled_dot_product_attention(q, k, v)       # softmax(q k^T / sqrt(C/heads)) v
+        x = attention(q, k, v)                            # softmax(q k^T / sqrt(C/heads)) v
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -81,10 +119,10 @@ class LayerScale(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, layerscale=None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         # a buffer, not a float: torch.compile would specialise each block on its own rate and recompile per block
@@ -159,7 +197,7 @@ class VisionTransformer(nn.Module):
         dpr = [drop_path_rate if drop_path_uniform else drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], layerscale)
                                     for i in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = LayerNorm(embed_dim, eps=1e-6)
         self.init_weights()
 
     def init_weights(self):
@@ -191,6 +229,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}: "
                              f"use crop sizes that are multiples of {p}")
         x = self.patch_embed(x)                                                       # (B, N, D)
+        if torch.is_autocast_enabled(x.device.type):  # the residual stream stays float32 under autocast, FSDP2's bf16
+            x = x.float()                             # parameters included: only the blocks' matmuls run in bf16
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)                   # (B, 1 + N, D)

@@ -13,14 +13,45 @@ that differ in their last bits move their weights by different amounts.
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+import vit
+
 LR, WD, MOMENTUM, CLIP = 1e-3, 0.04, 0.9, 0.01
 SPLITS = [(2, False), (2, True), (4, False), (4, True)]          # (processes, FSDP2 instead of DDP)
 SPLIT_IDS = ["2-ddp", "2-fsdp2", "4-ddp", "4-fsdp2"]
+# the paths a GPU run takes under --bf16 (autocast, FSDP2's bf16 gathers) run on a CPU that computes bf16 natively
+needs_native_bf16 = pytest.mark.skipif(not vit.bf16_native(torch.device("cpu")),
+                                       reason="this CPU computes bf16 only by emulation (no AMX or AVX512-BF16): the "
+                                              "--bf16 paths are tested on CPUs that compute bf16 natively")
+
+
+def autocast(bf16):
+    """The step's forward and loss as train() runs them under --bf16 (off: float32)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
+# bf16 keeps 8 significant bits: each rounding errs by up to U = 2^-8 relative (half its spacing 2^-7 at 1).
+# A gradient through a 12-block ViT in bf16 carries many such roundings; measured on the tiny step of these
+# tests, each tensor's gradient lies within 3-5 U of its float32 value (relative to the tensor's norm). Bound: 8 U.
+# Two bf16 runs that round differently (another split of the batch: other kernel blockings, another order of the
+# sums; FSDP2's bf16 gathers and bf16 unsharded gradients) are each within 8 U of the float32 gradient, so within
+# 16 U of each other (measured: 1 U under DDP, 3-6 U under FSDP2). A wrong scale (a sum over processes instead of
+# a mean, one shard clipped on its own) is off by 100 % or more.
+U = 2.0 ** -8
+BF16_VS_FLOAT32, BF16_ONE_VS_N = 8 * U, 16 * U
+
+
+def assert_grads_within(actual, expected, bound, msg=""):
+    """||actual - expected|| <= bound * ||expected||, tensor by tensor (a relative bound on each tensor's norm)."""
+    assert actual.keys() == expected.keys(), msg
+    for n, v in expected.items():
+        err = (actual[n].double() - v.double()).norm() / v.double().norm().clamp(min=1e-30)
+        assert err <= bound, f"{msg} {n}: relative error {err:.3g} > {bound:.3g}"
 
 
 def free_port():

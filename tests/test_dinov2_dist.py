@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 import dinov2
-from dist_step import assert_grads_close, check_clipping_per_part, check_update, init, record_step, share, spawn
+from dist_step import BF16_ONE_VS_N, BF16_VS_FLOAT32, assert_grads_close, assert_grads_within, autocast, \
+    check_clipping_per_part, check_update, init, needs_native_bf16, record_step, share, spawn
 
 GLOBAL_BATCH, K = 8, 24
 TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16", "--local_crops_size", "8",
@@ -24,8 +25,9 @@ TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16", 
 CASES = [("sinkhorn_knopp", False), ("centering", True)]         # (--centering, FSDP2 instead of DDP)
 
 
-def one_step(rank, world_size, port, out):
-    """One step on this process's share of a fixed global batch, for each case in turn."""
+def one_step(rank, world_size, bf16, port, out):
+    """One step on this process's share of a fixed global batch, for each case in turn; bf16: as train() runs
+    --bf16."""
     init(rank, world_size, port)
     results = {}
     for centering, fsdp in CASES:
@@ -33,7 +35,7 @@ def one_step(rank, world_size, port, out):
                                + (["--fsdp"] if fsdp else []))
         torch.manual_seed(0)
         student, teacher = dinov2.build_networks(args)
-        model = dinov2.distribute(student, teacher, args, world_size)
+        model = dinov2.distribute(student, teacher, args, world_size, bf16)
         groups = dinov2.param_groups(student, 0.9, 0.2)   # before the forward, as in train(): FSDP2 swaps parameters
         g = torch.Generator().manual_seed(1)
         xg, xl = torch.randn(2, GLOBAL_BATCH, 3, 16, 16, generator=g), torch.randn(3, GLOBAL_BATCH, 3, 8, 8, generator=g)
@@ -42,12 +44,13 @@ def one_step(rank, world_size, port, out):
         xg, xl, m = share(xg, rank, world_size), share(xl, rank, world_size), share(m, rank, world_size).flatten(0, 1)
         idx, w = m.flatten().nonzero().squeeze(1), dinov2.patch_weights(m)
 
-        zsg, Zsg, zsl, ysg = model(xg, idx, m, xl)
-        with torch.no_grad():
-            ztg, Ztg = teacher(xg, idx)
-            pt, Pt = dinov2.teacher_targets(ztg, Ztg, 0.05, centering, center, patch_center, 0.9)
-        loss, dino_term, ibot_term, koleo_term = dinov2.dinov2_loss(zsg, zsl, pt, Zsg, Pt, w, ysg, 0.1, 1.0, 1.0,
-                                                                    args.koleo_loss_weight)
+        with autocast(bf16):
+            zsg, Zsg, zsl, ysg = model(xg, idx, m, xl)
+            with torch.no_grad():
+                ztg, Ztg = teacher(xg, idx)
+                pt, Pt = dinov2.teacher_targets(ztg, Ztg, 0.05, centering, center, patch_center, 0.9)
+            loss, dino_term, ibot_term, koleo_term = dinov2.dinov2_loss(zsg, zsl, pt, Zsg, Pt, w, ysg, 0.1, 1.0, 1.0,
+                                                                        args.koleo_loss_weight)
         terms = torch.stack([dino_term, ibot_term, koleo_term])
         if world_size > 1:
             dist.all_reduce(terms)
@@ -62,7 +65,7 @@ def one_step(rank, world_size, port, out):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return spawn(one_step, 1, tmp_path_factory.mktemp("single") / "one.pt")
+    return spawn(one_step, 1, tmp_path_factory.mktemp("single") / "one.pt", False)
 
 
 def test_one_process_step(single):
@@ -80,7 +83,7 @@ def test_one_process_step(single):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_one_vs_n_processes(single, world_size, tmp_path):
-    n = spawn(one_step, world_size, tmp_path / "n.pt")
+    n = spawn(one_step, world_size, tmp_path / "n.pt", False)
     for centering, _ in CASES:
         one, two = single[centering], n[centering]
         # loss, DINO, iBOT: equal; KoLeo (weight 0 here): computed per process, so NOT equal
@@ -92,4 +95,31 @@ def test_one_vs_n_processes(single, world_size, tmp_path):
             torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=f"{centering} {name}")
         assert_grads_close(two["grads"], one["grads"], f"{centering} gradient")
         assert_grads_close(two["clipped"], one["clipped"], f"{centering} clipped gradient")
+        check_update(two, centering)
+
+
+# ----------------------------------------------------------------------------- --bf16 (dist_step: the bounds)
+
+@pytest.fixture(scope="module")
+def single_bf16(tmp_path_factory):
+    return spawn(one_step, 1, tmp_path_factory.mktemp("single_bf16") / "one.pt", True)
+
+
+@needs_native_bf16
+def test_bf16_gradients_agree_with_float32(single, single_bf16):
+    for centering, _ in CASES:
+        assert_grads_within(single_bf16[centering]["grads"], single[centering]["grads"], BF16_VS_FLOAT32, centering)
+        torch.testing.assert_close(single_bf16[centering]["loss"], single[centering]["loss"], rtol=BF16_VS_FLOAT32,
+                                   atol=0)
+
+
+@needs_native_bf16
+def test_one_vs_two_processes_in_bf16(single_bf16, tmp_path):
+    """Sinkhorn-Knopp under DDP, centering under FSDP2 (CASES), in bf16."""
+    n = spawn(one_step, 2, tmp_path / "n.pt", True)
+    for centering, _ in CASES:
+        one, two = single_bf16[centering], n[centering]
+        torch.testing.assert_close(two["loss"], one["loss"], rtol=BF16_ONE_VS_N, atol=0, msg=centering)
+        assert_grads_within(two["grads"], one["grads"], BF16_ONE_VS_N, f"{centering} gradient")
+        assert_grads_within(two["clipped"], one["clipped"], BF16_ONE_VS_N, f"{centering} clipped gradient")
         check_update(two, centering)

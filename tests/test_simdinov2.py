@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import simdinov2
 import vit
-from dist_step import SPLIT_IDS, SPLITS, assert_grads_close, check_clipping_per_part, check_update, init, \
-    record_step, share, spawn
+from dist_step import BF16_VS_FLOAT32, SPLIT_IDS, SPLITS, assert_grads_close, assert_grads_within, autocast, \
+    check_clipping_per_part, check_update, init, needs_native_bf16, record_step, share, spawn
 
 
 def unit(*shape, seed=0):
@@ -202,28 +202,29 @@ DIST = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "16", 
         "--proj_hidden_dim", "64", "--proj_dim", "16", "--drop_path_rate", "0"]
 
 
-def one_step(rank, world_size, fsdp, group_size, port, out):
+def one_step(rank, world_size, fsdp, group_size, bf16, port, out):
     """Algorithm 2, one step, on this process's share of a fixed global batch (tests/dist_step.py); coding-rate
-    groups of group_size, which span processes when larger than the per-process batch."""
+    groups of group_size, which span processes when larger than the per-process batch; bf16: as train() runs --bf16."""
     init(rank, world_size, port)
     args = simdinov2.get_args(DIST + ["--batch_size_per_gpu", str(GLOBAL_BATCH // world_size), "--cov_group_size",
                                       str(group_size)] + (["--fsdp"] if fsdp else []))
     cov_group = simdinov2.coding_rate_group(args.cov_group_size, args.batch_size_per_gpu)
     torch.manual_seed(0)
     student, teacher = simdinov2.build_networks(args)
-    model = simdinov2.distribute(student, teacher, args, world_size)
+    model = simdinov2.distribute(student, teacher, args, world_size, bf16)
     groups = simdinov2.param_groups(student, 0.9, 0.2)   # before the forward, as in train(): FSDP2 swaps parameters
     g = torch.Generator().manual_seed(1)
     xg, xl = torch.randn(2, GLOBAL_BATCH, 3, 16, 16, generator=g), torch.randn(3, GLOBAL_BATCH, 3, 8, 8, generator=g)
     m = torch.rand(2, GLOBAL_BATCH, 4, generator=g) < 0.4                      # (M_glo, B, N)
     xg, xl, m = share(xg, rank, world_size), share(xl, rank, world_size), share(m, rank, world_size).flatten(0, 1)
     idx, w = m.flatten().nonzero().squeeze(1), simdinov2.patch_weights(m)
-    zsg, Zsg, zsl = model(xg, idx, m, xl)
-    with torch.no_grad():
-        ztg, Ztg = teacher(xg, idx)
-    gamma = simdinov2.released_gamma(args.proj_dim, GLOBAL_BATCH)
-    loss = simdinov2.simdinov2_loss(zsg, zsl, ztg, Zsg, Ztg, w, args.eps, gamma, args.cov_group_size,
-                                    cov_group=cov_group)[0]
+    with autocast(bf16):
+        zsg, Zsg, zsl = model(xg, idx, m, xl)
+        with torch.no_grad():
+            ztg, Ztg = teacher(xg, idx)
+        gamma = simdinov2.released_gamma(args.proj_dim, GLOBAL_BATCH)
+        loss = simdinov2.simdinov2_loss(zsg, zsl, ztg, Zsg, Ztg, w, args.eps, gamma, args.cov_group_size,
+                                        cov_group=cov_group)[0]
     result = record_step(simdinov2, student, teacher, loss, groups, world_size)
     if rank == 0:
         torch.save(result, out)
@@ -235,7 +236,7 @@ def one_step(rank, world_size, fsdp, group_size, port, out):
 def single(tmp_path_factory):
     """The one-process step, by group size."""
     folder = tmp_path_factory.mktemp("single")
-    return {n: spawn(one_step, 1, folder / f"{n}.pt", False, n) for n in (2, 4, 8)}
+    return {n: spawn(one_step, 1, folder / f"{n}.pt", False, n, False) for n in (2, 4, 8)}
 
 
 def test_one_process_step(single):
@@ -247,11 +248,19 @@ def test_one_process_step(single):
 @pytest.mark.parametrize("world_size, fsdp, group_size", [*((w, f, 2) for w, f in SPLITS), (2, True, 8), (4, False, 4)],
                          ids=SPLIT_IDS + ["2-fsdp2-spanning-8", "4-ddp-spanning-4"])
 def test_one_vs_n_processes(single, world_size, fsdp, group_size, tmp_path):
-    n = spawn(one_step, world_size, tmp_path / "n.pt", fsdp, group_size)
+    n = spawn(one_step, world_size, tmp_path / "n.pt", fsdp, group_size, False)
     torch.testing.assert_close(n["loss"], single[group_size]["loss"], rtol=1e-5, atol=1e-6)
     assert_grads_close(n["grads"], single[group_size]["grads"], "gradient")
     assert_grads_close(n["clipped"], single[group_size]["clipped"], "clipped gradient")
     check_update(n)
+
+
+@needs_native_bf16
+def test_bf16_gradients_agree_with_float32(single, tmp_path):
+    """One step under --bf16 against the float32 one, each gradient within BF16_VS_FLOAT32 (dist_step) of it."""
+    low = spawn(one_step, 1, tmp_path / "bf16.pt", False, 2, True)
+    assert_grads_within(low["grads"], single[2]["grads"], BF16_VS_FLOAT32, "bf16 vs float32")
+    torch.testing.assert_close(low["loss"], single[2]["loss"], rtol=BF16_VS_FLOAT32, atol=0)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -36,6 +36,53 @@ def test_sdpa_equals_explicit_attention():
     torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("form", [F.scaled_dot_product_attention, vit.explicit_attention], ids=["sdpa", "explicit"])
+def test_every_attention_formulation_is_exact(form, dtype):
+    """Both formulations vit.attention uses (the fused kernels; the explicit one, for bf16 on a CPU) give
+    softmax(q k^T / sqrt(d)) v and its gradients as float64 computes them, to 1e-6 of each tensor's norm (float32
+    rounds to 6e-8), at the token counts of this project's crops (5 to 257), scores of std 2 (peaked rows)."""
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 17, 65, 257):
+        q, k, v, dy = (torch.randn(2, 3, n, 64, generator=g, dtype=torch.float64) for _ in range(4))
+        q = 2 * q
+        ref = [t.clone().requires_grad_() for t in (q, k, v)]
+        y_ref = torch.softmax(ref[0] @ ref[1].mT / 8, dim=-1) @ ref[2]
+        y_ref.backward(dy)
+        low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        y = form(*low)
+        y.backward(dy.to(dtype))
+        assert y.dtype == dtype
+        for a, b in zip([y, *(t.grad for t in low)], [y_ref.detach(), *(t.grad for t in ref)]):
+            assert (a.double() - b).norm() <= 1e-6 * b.norm(), f"{n} tokens"
+
+
+def test_attention_is_fused_except_in_bf16_on_a_cpu(monkeypatch):
+    """The rule of vit.attention: the explicit formulation for bf16 on a CPU only (docs/precision.md)."""
+    used = []
+    monkeypatch.setattr(vit, "explicit_attention", lambda q, k, v: used.append(q.dtype) or q)
+    q = torch.randn(2, 3, 17, 64)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        vit.attention(q.to(dtype), q.to(dtype), q.to(dtype))
+    assert used == [torch.bfloat16]
+
+
+def test_layer_norm_runs_in_float32_for_bf16_weights():
+    """Under FSDP2's bf16 parameters the float32 residual stream is normalised with float32 weights, as CUDA's
+    autocast does it: the output equals the float32 layer's, and bf16 inputs give float32 outputs too."""
+    norm = vit.LayerNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-1, 1)
+    x = torch.randn(4, 16)
+    expected = norm(x)
+    low = vit.LayerNorm(16, eps=1e-6).bfloat16()
+    low.load_state_dict(norm.state_dict())
+    ref = torch.nn.functional.layer_norm(x, (16,), low.weight.float(), low.bias.float(), 1e-6)
+    torch.testing.assert_close(low(x), ref, rtol=0, atol=0)
+    assert low(x).dtype == torch.float32 and low(x.bfloat16()).dtype == torch.float32
+    torch.testing.assert_close(low(x), expected, rtol=0, atol=1e-2)      # only the weights' bf16 rounding
+
+
 def test_outputs_and_registers():
     m = tiny(num_register_tokens=4)
     x = torch.randn(2, 3, 32, 32)
