@@ -5,8 +5,9 @@ with the options the four recipes need: register tokens (Darcet et al. 2024),
 layerscale, stochastic depth (DINO's per-sample form, or DINOv2's on a subset of the batch),
 a learned mask token for masked image modelling, and position embeddings interpolated to any
 crop size so 224 px global and 96 px local crops go through one model (bicubic, in DINO's or
-DINOv2's exact form: `interpolate_offset`, `interpolate_antialias`). Attention runs through `F.scaled_dot_product_attention`'s fused
-kernels on GPU, and as two matmuls on a CPU computing in bf16, where that is faster (`attention`).
+DINOv2's exact form: `interpolate_offset`, `interpolate_antialias`). Attention runs through
+`F.scaled_dot_product_attention`'s fused kernels on GPU, and as two matmuls on a CPU computing in
+bf16, where that is faster (`attention`).
 
 Parameter names follow the DINO and DINOv2 releases (`cls_token`, `pos_embed`,
 `patch_embed.proj`, `blocks.i.attn.qkv`, `blocks.i.ls1.gamma`, `register_tokens`,
