@@ -289,8 +289,10 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}: "
                              f"use crop sizes that are multiples of {p}")
         x = self.patch_embed(x)                                                       # (B, N, D)
-        if torch.is_autocast_enabled(x.device.type):  # the residual stream stays float32 under autocast, FSDP2's bf16
-            x = x.float()                             # parameters included: only the blocks' matmuls run in bf16
+        # the residual stream stays float32 under autocast, FSDP2's bf16 parameters included: only the blocks'
+        # matmuls run in bf16 (meta tensors, which count FLOPs, have no autocast to ask)
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
+            x = x.float()
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)                   # (B, 1 + N, D)
