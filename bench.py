@@ -12,13 +12,16 @@ decoding. The speed is taken between two log records after `--warmup` steps (com
 Everything after the method names goes to the methods' own arguments. Prints one line per run: images/s,
 ms per step, peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS) and the
 backbone's training FLOP rate (3x the forward FLOPs of the student on all crops plus the teacher's forward
-on the global crops, heads not counted) and, with --peak_tflops (e.g. 989 for dense bf16 on an H100 SXM),
+on the global crops, heads not counted; what is computed: under DINOv2's stochastic depth the blocks of
+the v2 students compute only the kept samples) and, with --peak_tflops (e.g. 989 for dense bf16 on an H100 SXM),
 the model FLOP utilisation.
 
 Several runs side by side, each in a fresh process (its own peak memory), one after the other:
 
     python bench.py simdino dino --arch vit_tiny --repeats 3                        # SimDINO's step vs DINO's, A B A B A B
     python bench.py simdino --arch vit_base --compare_grad_checkpointing            # memory without / with
+    python bench.py simdino dino simdinov2 dinov2 --compare bf16 --repeats 2          # float32 vs bf16, A B A B
+    python bench.py simdinov2 dinov2 --compare drop_path_mode --repeats 2             # DINO's vs DINOv2's drop path
 
 What one training step communicates (--comm), under torchrun on any backend (gloo on a CPU): the method's
 train() runs as above, and the collectives of one step after the first two (DDP rebuilds its buckets in the
@@ -41,6 +44,7 @@ rate just measured needs. ImageNet-sized JPEGs to run it on can be generated:
 import argparse
 import collections
 import importlib
+import itertools
 import json
 import math
 import os
@@ -62,6 +66,11 @@ import data
 import vit
 
 METHODS = ["simdino", "simdinov2", "dino", "dinov2"]
+COMPARISONS = {  # --compare WHAT: the variants measured side by side, the first the baseline
+    "bf16": [["--no-bf16"], ["--bf16"]],
+    "grad_checkpointing": [[], ["--grad_checkpointing"]],
+    "drop_path_mode": [["--drop_path_mode", "dino"], ["--drop_path_mode", "dinov2"]],   # the v2 methods'
+}
 
 
 def natural_image(rng, width=500, height=375):
@@ -114,17 +123,24 @@ class RepeatedCrops(torch.utils.data.Dataset):
 
 
 def backbone_train_flops(args):
-    """FLOPs of one training step of the backbones per image: 3 x student forward on every crop + teacher on the globals."""
+    """FLOPs of one training step of the backbones per image, as computed: 3 x the student's training forward on
+    every crop (forward + backward) + the teacher's forward on the global crops. The student is counted in training
+    mode on the step's own batch (meta tensors: nothing runs), so DINOv2's stochastic depth (--drop_path_mode
+    dinov2), whose branches see only the kept samples, counts only those."""
+    kw = dict(patch_size=args.patch_size, img_size=args.global_crops_size, num_register_tokens=args.num_register_tokens)
     with torch.device("meta"):
-        model = vit.build_vit(args.arch, patch_size=args.patch_size, img_size=args.global_crops_size,
-                              num_register_tokens=args.num_register_tokens)
-    flops = {}
-    for size in {args.global_crops_size, args.local_crops_size}:
-        with FlopCounterMode(display=False) as counter:
-            model(torch.empty(1, 3, size, size, device="meta"))
-        flops[size] = counter.get_total_flops()
-    student = 3 * (2 * flops[args.global_crops_size] + args.local_crops_number * flops[args.local_crops_size])
-    return student + 2 * flops[args.global_crops_size]
+        student = vit.build_vit(args.arch, drop_path_rate=args.drop_path_rate, **kw,
+                                drop_path_uniform=getattr(args, "drop_path_uniform", False),
+                                drop_path_mode=getattr(args, "drop_path_mode", "dino")).train()
+        teacher = vit.build_vit(args.arch, **kw).eval()
+    B, G, L = args.batch_size_per_gpu, args.global_crops_size, args.local_crops_size
+    crops = [torch.empty(2 * B, 3, G, G, device="meta")]                  # the step's tensors, as Network passes them
+    crops += [torch.empty(args.local_crops_number * B, 3, L, L, device="meta")] if args.local_crops_number else []
+    with FlopCounterMode(display=False) as counter:
+        student.forward_features_list(crops)
+    with FlopCounterMode(display=False) as teacher_counter:
+        teacher.forward_features(crops[0])
+    return (3 * counter.get_total_flops() + teacher_counter.get_total_flops()) / B
 
 
 def peak_memory():
@@ -155,8 +171,10 @@ def measure_step(bench, method_name, rest):
     seconds = last["time"] - first["time"]
     images_per_s = steps * args.batch_size_per_gpu * world_size / seconds
     memory, memory_kind = peak_memory()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {"method": method_name, "arch": args.arch, "patch_size": args.patch_size, "world_size": world_size,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+            "precision": "bf16" if args.bf16 and vit.bf16_native(device) else "float32",
             "batch": args.batch_size_per_gpu, "compile": args.compile, "grad_checkpointing": args.grad_checkpointing,
             "images_per_s": images_per_s, "ms_per_step": 1000 * seconds / steps, "memory": memory,
             "memory_kind": memory_kind, "tflops": backbone_train_flops(args) * images_per_s / 1e12}
@@ -237,8 +255,10 @@ def comm_summary(counter):
 
 def step_line(r, peak_tflops=None):
     mfu = f", MFU {100 * r['tflops'] / (peak_tflops * r['world_size']):.1f}%" if peak_tflops else ""
-    return (f"{r['method']} {r['arch']}/{r['patch_size']} on {r['world_size']} x {r['device']}, batch {r['batch']}"
-            f"/process, {'compiled' if r['compile'] else 'eager'}{', grad checkpointing' if r['grad_checkpointing'] else ''}: "
+    variant = f" [{r['variant']}]" if r.get("variant") else ""
+    return (f"{r['method']}{variant} {r['arch']}/{r['patch_size']} on {r['world_size']} x {r['device']}, "
+            f"batch {r['batch']}"
+            f"/process, {r['precision']}, {'compiled' if r['compile'] else 'eager'}{', grad checkpointing' if r['grad_checkpointing'] else ''}: "
             f"{r['images_per_s']:.1f} images/s, {r['ms_per_step']:.1f} ms/step, peak memory {r['memory'] / 2**30:.2f} GiB "
             f"({r['memory_kind']}), backbone {r['tflops']:.2f} TFLOP/s{mfu}")
 
@@ -337,9 +357,14 @@ def main():
     p.add_argument("--steps", default=30, type=int, help="Measured steps, after the warm-up.")
     p.add_argument("--warmup", default=10, type=int, help="Steps before the measurement (compilation, allocator); >= 1.")
     p.add_argument("--peak_tflops", default=None, type=float, help="The device's peak TFLOP/s, for the MFU.")
+    p.add_argument("--compare", nargs="+", default=[], choices=list(COMPARISONS), metavar="WHAT",
+                   help="Measure each method in the variants of WHAT, each in its own process, side by side, and "
+                        "print their images/s relative to the first: bf16: --no-bf16 vs --bf16 (float32 vs bf16 "
+                        "autocast); grad_checkpointing: without vs with; drop_path_mode (simdinov2, dinov2): dino vs "
+                        "dinov2. Several WHATs: every combination. With --repeats, in turns (A B A B).")
     p.add_argument("--compare_grad_checkpointing", action="store_true",
                    help="Measure each method without and with --grad_checkpointing (each in its own process): "
-                        "speed and peak memory side by side.")
+                        "speed and peak memory side by side (--compare grad_checkpointing).")
     p.add_argument("--repeats", default=1, type=int,
                    help="With several runs: run them all this many times, in turns, and report the fastest of each.")
     p.add_argument("--loader", action="store_true",
@@ -361,8 +386,11 @@ def main():
         p.error(f"name one or more METHODs first, of {', '.join(METHODS)} (or pass --make_jpegs DIR N)")
     if bench.warmup < 1:
         p.error("--warmup must be >= 1: the first log record marks the start of the measurement")
-    for m in bench.methods:                                        # a flag one method lacks fails now, not after the others ran
-        importlib.import_module(m).get_args(rest)
+    compare = [*bench.compare, *["grad_checkpointing"] * bench.compare_grad_checkpointing]
+    variants = [sum(v, []) for v in itertools.product(*(COMPARISONS[w] for w in dict.fromkeys(compare)))]
+    for m in bench.methods:                           # a flag one method lacks fails now, not after the others ran
+        for v in variants:
+            importlib.import_module(m).get_args(rest + v)
     if bench.comm:
         if "WORLD_SIZE" not in os.environ or len(bench.methods) != 1:
             p.error("--comm counts one method's step under torchrun: torchrun --nproc_per_node N bench.py METHOD --comm")
@@ -370,7 +398,6 @@ def main():
         if int(os.environ["RANK"]) == 0:
             print_comm(bench.methods[0], args, counter)
         return
-    variants = [[]] + ([["--grad_checkpointing"]] if bench.compare_grad_checkpointing else [])
     runs = [(m, rest + v) for m in bench.methods for v in variants]
     if bench.json:
         print("BENCH_JSON " + json.dumps(measure_step(bench, *runs[0])))
@@ -380,17 +407,23 @@ def main():
         if steps[0] is None:                                       # not rank 0
             return
     elif "WORLD_SIZE" in os.environ:
-        sys.exit("error: under torchrun, bench.py measures one method, without --compare_grad_checkpointing")
+        sys.exit("error: under torchrun, bench.py measures one method, without --compare")
     else:  # repeats take turns (A B A B), and the fastest of each run counts: a busy machine disturbs single runs
         results = [run_child(bench, *run) for _ in range(bench.repeats) for run in runs]
         steps = [max(results[k::len(runs)], key=lambda r: r["images_per_s"]) for k in range(len(runs))]
-    for r in steps:
+    for r, (_, argv) in zip(steps, runs):
+        r["variant"] = " ".join(argv[len(rest):])
         print(step_line(r, bench.peak_tflops))
     if len(bench.methods) > 1:
         base = steps[0]
-        print("relative images/s: " + ", ".join(f"{r['method']}{' +ckpt' if r['grad_checkpointing'] else ''} "
+        print("relative images/s: " + ", ".join(f"{r['method']}{' ' + r['variant'] if r['variant'] else ''} "
                                                 f"{r['images_per_s'] / base['images_per_s']:.2f}" for r in steps))
-    if bench.compare_grad_checkpointing:
+    if len(variants) > 1:
+        for k in range(0, len(steps), len(variants)):
+            base, *others = steps[k:k + len(variants)]
+            print(f"{base['method']}: images/s relative to {base['variant'] or 'the flags given'}: " + ", ".join(
+                f"{r['variant']} x{r['images_per_s'] / base['images_per_s']:.2f}" for r in others))
+    if compare == ["grad_checkpointing"]:
         for plain, ckpt in zip(steps[::2], steps[1::2]):
             print(f"{plain['method']} with --grad_checkpointing: peak memory {ckpt['memory'] / 2**30:.2f} vs "
                   f"{plain['memory'] / 2**30:.2f} GiB ({plain['memory_kind']}; saves {(plain['memory'] - ckpt['memory']) / 2**30:.2f} GiB),"

@@ -151,7 +151,7 @@ def build_networks(args):
                              img_size=args.global_crops_size, num_register_tokens=args.num_register_tokens,
                              drop_path_uniform=args.drop_path_uniform, layerscale=args.layerscale or None,
                              interpolate_offset=args.interpolate_offset,
-                             interpolate_antialias=args.interpolate_antialias)
+                             interpolate_antialias=args.interpolate_antialias, drop_path_mode=args.drop_path_mode)
     backbone.grad_checkpointing = args.grad_checkpointing  # the student recomputes in backward; the teacher never
     head = functools.partial(DINOHead, backbone.embed_dim, args.proj_hidden_dim, args.proj_dim,
                              norm_last_layer=args.norm_last_layer)
@@ -966,6 +966,12 @@ def build_parser():
     p.add_argument("--drop_path_uniform", default=True, action=argparse.BooleanOptionalAction,
                    help="""The same drop-path rate in every block (DINOv2's default config) instead of one rising
                    linearly over the blocks (DINO).""")
+    p.add_argument("--drop_path_mode", default="dinov2", choices=["dinov2", "dino"],
+                   help="""The form of stochastic depth. dinov2 (the released DINOv2 code, which the SimDINOv2 release
+                   shares): each block computes its attention and MLP branches on a random subset of exactly
+                   max(int(B (1 - p)), 1) of each crop size's B samples only and adds them back scaled by B / subset,
+                   which at p = 0.3 skips about 30%% of the blocks' compute. dino: DINO's per-sample drop path,
+                   each sample dropped independently, every branch computed (the v1 methods' form).""")
     p.add_argument("--num_register_tokens", default=4, type=Ranged(int, "[0, inf)"),
                    help="""Register tokens (Darcet et al. 2024): 4, as the v2 family in the SimDINO paper's
                    comparison (Table 4). DINOv2's ssl_default_config has none: pass 0 for the original DINOv2.""")

@@ -2,11 +2,12 @@
 
 A plain pre-norm ViT (Dosovitskiy et al. 2021) as the DINO and DINOv2 authors use it,
 with the options the four recipes need: register tokens (Darcet et al. 2024),
-layerscale, stochastic depth, a learned mask token for masked image modelling, and
-position embeddings interpolated to any crop size so 224 px global and 96 px local
-crops go through one model (bicubic, in DINO's or DINOv2's exact form: `interpolate_offset`,
-`interpolate_antialias`). Attention runs through `F.scaled_dot_product_attention`'s fused
-kernels on GPU, and as two matmuls on a CPU computing in bf16, where that is faster (`attention`).
+layerscale, stochastic depth (DINO's per-sample form, or DINOv2's on a subset of the batch),
+a learned mask token for masked image modelling, and position embeddings interpolated to any
+crop size so 224 px global and 96 px local crops go through one model (bicubic, in DINO's or
+DINOv2's exact form: `interpolate_offset`, `interpolate_antialias`). Attention runs through
+`F.scaled_dot_product_attention`'s fused kernels on GPU, and as two matmuls on a CPU computing in
+bf16, where that is faster (`attention`).
 
 Parameter names follow the DINO and DINOv2 releases (`cls_token`, `pos_embed`,
 `patch_embed.proj`, `blocks.i.attn.qkv`, `blocks.i.ls1.gamma`, `register_tokens`,
@@ -47,11 +48,36 @@ def bf16_native(device):
 
 
 def drop_path(x, p, training: bool):
-    """Stochastic depth: drop the residual branch for a random subset of samples, with probability p (0-dim tensor)."""
+    """Stochastic depth as DINO (and timm) write it: drop the residual branch of each sample independently with
+    probability p (0-dim tensor), the kept ones scaled by 1 / (1 - p). Every sample's branch is computed."""
     if not training:
         return x
     keep = (torch.rand(x.shape[0], *(1,) * (x.ndim - 1), device=x.device) >= p).to(x.dtype)  # (B, 1, 1)
     return x * keep / (1 - p)
+
+
+def bernoulli_drop_path(x, p):
+    """DINOv2's per-sample form (its DropPath): a Bernoulli(1 - p) draw per sample, divided by 1 - p, in x's dtype.
+    The same distribution as drop_path, drawn with another RNG call."""
+    keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - p).div_(1 - p)     # (B, 1, 1)
+    return x * keep
+
+
+def subset_residual(x, branch, p):
+    """x + branch(x) with the branch computed on a random subset of exactly max(int(B (1 - p)), 1) of the B samples
+    only, and added back scaled by B / subset, so that over the draws its expectation is x + branch(x): DINOv2's
+    stochastic depth (drop_add_residual_stochastic_depth), which skips the compute of the dropped samples.
+    (B, N, D) -> (B, N, D); the subset is torch.randperm's on x's device, as released."""
+    keep = draw_subset(x.shape[0], p, x.device)                                    # (k,) the samples kept
+    residual = branch(x[keep]).flatten(1).to(x.dtype)                              # (k, N*D)
+    return torch.index_add(x.flatten(1), 0, keep, residual, alpha=x.shape[0] / len(keep)).view_as(x)
+
+
+@torch.compiler.disable
+def draw_subset(b, p, device):
+    """torch.randperm(b)[:max(int(b (1 - p)), 1)] on the device, as DINOv2 draws it; outside torch.compile, whose
+    graphs would otherwise be specialised on each block's rate (one compile per block under rates rising linearly)."""
+    return torch.randperm(b, device=device)[:max(int(b * (1 - p)), 1)]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -117,8 +143,19 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, layerscale=None):
+    """Pre-norm transformer block: x + attention branch, then x + MLP branch, each branch behind stochastic depth
+    of rate drop_path when training, in one of two forms (drop_path_mode):
+    "dino": DINO's (and timm's) per-sample drop path (drop_path), every sample's branches computed;
+    "dinov2": DINOv2's released rule, which computes the branches on the kept samples only (subset_residual):
+    a list of batches (forward_features_list; DINOv2's forward_nested) takes the subset form at any rate above 0,
+    each batch drawing its own subset, all the batches' attention draws before their MLP draws; a single batch
+    takes it above 0.1 and DINOv2's per-sample Bernoulli form at or below (bernoulli_drop_path)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, layerscale=None,
+                 drop_path_mode="dino"):
         super().__init__()
+        if drop_path_mode not in ("dino", "dinov2"):
+            raise ValueError(f"drop_path_mode '{drop_path_mode}': choose 'dino' or 'dinov2'")
         self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
@@ -127,16 +164,37 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         # a buffer, not a float: torch.compile would specialise each block on its own rate and recompile per block
         self.register_buffer("drop_prob", torch.tensor(float(drop_path)), persistent=False)
+        # DINOv2's form needs the subset size as a Python int (one compiled graph per distinct rate)
+        self.drop_path_mode, self.drop_rate = drop_path_mode, float(drop_path)
 
     def forward(self, x):                                  # (B, N, D) tokens, or a list of such batches
+        if self.drop_path_mode == "dinov2" and self.training and self.drop_rate > 0:
+            return self.dinov2_stochastic_depth(x)
         if isinstance(x, list):   # several token counts (crop sizes) in one call: FSDP gathers the weights once
             return [self.residual_branches(t) for t in x]
         return self.residual_branches(x)
 
+    def attn_branch(self, x):                              # (B, N, D) -> (B, N, D)
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def mlp_branch(self, x):                               # (B, N, D) -> (B, N, D)
+        return self.ls2(self.mlp(self.norm2(x)))
+
     def residual_branches(self, x):                        # (B, N, D) -> (B, N, D)
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_prob, self.training)
-        x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_prob, self.training)
+        x = x + drop_path(self.attn_branch(x), self.drop_prob, self.training)
+        x = x + drop_path(self.mlp_branch(x), self.drop_prob, self.training)
         return x
+
+    def dinov2_stochastic_depth(self, x):                  # (B, N, D), or a list of such batches
+        p = self.drop_rate
+        if isinstance(x, list):   # each batch its own subset; the compute draws nothing, so the draws' order is
+            x = [subset_residual(t, self.attn_branch, p) for t in x]   # DINOv2's: all attention subsets, then
+            return [subset_residual(t, self.mlp_branch, p) for t in x]  # all MLP subsets
+        if p > 0.1:               # DINOv2's threshold: below it the indexing costs about what the subset saves
+            x = subset_residual(x, self.attn_branch, p)
+            return subset_residual(x, self.mlp_branch, p)
+        x = x + bernoulli_drop_path(self.attn_branch(x), p)
+        return x + bernoulli_drop_path(self.mlp_branch(x), p)
 
 
 class PatchEmbed(nn.Module):
@@ -173,7 +231,8 @@ def resize_pos_embed(pos_embed, h, w, offset, antialias):
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12, num_heads=6,
                  mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, drop_path_uniform=False, layerscale=None,
-                 num_register_tokens=0, interpolate_offset=0.1, interpolate_antialias=False, grad_checkpointing=False):
+                 num_register_tokens=0, interpolate_offset=0.1, interpolate_antialias=False, grad_checkpointing=False,
+                 drop_path_mode="dino"):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
@@ -193,10 +252,11 @@ class VisionTransformer(nn.Module):
         self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
                                 if num_register_tokens else None)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        # stochastic depth: rising linearly to drop_path_rate over the blocks (DINO), or the same in all (DINOv2)
+        # stochastic depth: rising linearly to drop_path_rate over the blocks (DINO), or the same in all (DINOv2);
+        # drop_path_mode: DINO's per-sample form or DINOv2's subset form (Block)
         dpr = [drop_path_rate if drop_path_uniform else drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], layerscale)
-                                    for i in range(depth))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], layerscale,
+                                          drop_path_mode) for i in range(depth))
         self.norm = LayerNorm(embed_dim, eps=1e-6)
         self.init_weights()
 
@@ -255,12 +315,19 @@ class VisionTransformer(nn.Module):
         x = [self.prepare_tokens(t, m) for t, m in zip(xs, masks or [None] * len(xs))]  # each (B_i, 1 + R + N_i, D)
         for blk in self.blocks:
             x = self.run_block(blk, x)
-        r = 1 + self.num_register_tokens
-        return [{"cls": t[:, 0], "registers": t[:, 1:r], "patches": t[:, r:]} for t in map(self.norm, x)]
+        return [self.final_tokens(t) for t in x]
 
     def forward_features(self, x, masks=None):
         """(B, 3, H, W) -> dict of final-norm tokens: cls (B, D), registers (B, R, D), patches (B, N, D)."""
-        return self.forward_features_list([x], [masks])[0]
+        x = self.prepare_tokens(x, masks)                                             # (B, 1 + R + N, D)
+        for blk in self.blocks:                       # blocks take a batch, not a list of one (DINOv2's stochastic
+            x = self.run_block(blk, x)                # depth tells the two apart, as its forward_features does)
+        return self.final_tokens(x)
+
+    def final_tokens(self, x):
+        """(B, 1 + R + N, D) tokens after the last block -> dict of the final-norm cls, registers and patches."""
+        x, r = self.norm(x), 1 + self.num_register_tokens
+        return {"cls": x[:, 0], "registers": x[:, 1:r], "patches": x[:, r:]}
 
     def get_intermediate_layers(self, x, n=1):
         """Final-norm outputs (B, 1 + R + N, D) of the last n blocks, as linear probes use them."""

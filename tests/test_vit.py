@@ -152,11 +152,14 @@ def test_drop_path_and_layerscale():
     assert not torch.allclose(y1, m(x))
 
 
-def test_grad_checkpointing_gives_the_same_gradients_and_recomputes_each_block(monkeypatch):
+@pytest.mark.parametrize("mode", ["dino", "dinov2"])
+def test_grad_checkpointing_gives_the_same_gradients_and_recomputes_each_block(monkeypatch, mode):
     # float64, drop path and layerscale on, masks and registers: the recompute must replay the same drop path
-    m = tiny(drop_path_rate=0.5, layerscale=0.1, num_register_tokens=2).double().train()
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    masks = torch.rand(4, 16) < 0.3
+    # (DINOv2's form: the same subsets, one batch and a list of two crop sizes, rates above and below 0.1)
+    m = tiny(drop_path_rate=0.5, layerscale=0.1, num_register_tokens=2, drop_path_mode=mode).double().train()
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    xl = torch.randn(5, 3, 16, 16, dtype=torch.float64)
+    masks = torch.rand(6, 16) < 0.3
     calls, block_forward = [], vit.Block.forward
     monkeypatch.setattr(vit.Block, "forward", lambda blk, x: calls.append(1) or block_forward(blk, x))
 
@@ -166,12 +169,13 @@ def test_grad_checkpointing_gives_the_same_gradients_and_recomputes_each_block(m
         calls.clear()
         torch.manual_seed(0)
         out = m.forward_features(x, masks)
-        (out["cls"].square().sum() + out["patches"].sin().sum()).backward()
+        local = m.forward_features_list([x, xl], [masks, None])[1]
+        (out["cls"].square().sum() + out["patches"].sin().sum() + local["patches"].cos().sum()).backward()
         return {n: p.grad.clone() for n, p in m.named_parameters()}, len(calls)
 
     plain, n_plain = grads(False)
     ckpt, n_ckpt = grads(True)
-    assert (n_plain, n_ckpt) == (12, 24)                                   # every block ran again in backward
+    assert (n_plain, n_ckpt) == (24, 48)                                   # every block ran again in backward
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-12, atol=1e-12, msg=n)
     assert any(plain[n].abs().sum() > 0 for n in plain if n.startswith("blocks.11"))
