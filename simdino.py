@@ -319,7 +319,7 @@ def start_run(args):
     rank, world_size, device = init_distributed()
     check_args(args)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    RUN.update(rank=rank, world_size=world_size, path=ckpt_path)
+    RUN.update(rank=rank, world_size=world_size, path=ckpt_path, done=None, saved=None)
     problem = [claim_output_dir(args, ckpt_path) if rank == 0 else None]      # rank 0 writes the run's files
     if world_size > 1:
         dist.broadcast_object_list(problem)                                # every process stops, or none
@@ -358,7 +358,7 @@ def claim_output_dir(args, ckpt_path):
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o666))     # a new file, as a checkpoint will be
         os.remove(probe)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, {os.path.basename(sys.argv[0])} started "
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, {os.path.basename(__file__)} started "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
     except OSError as e:
         return f"cannot write to --output_dir {folder}: {os_problem(e)}; choose a folder this user can write"
@@ -817,8 +817,9 @@ def write_atomically(path, write, size):
 
 
 def write_problem(path, e, size=None):
-    """The line for a failed write of a run's file: what, why, and for a full disk how much room it needs."""
-    kept = f"; the previous {os.path.basename(path)} is intact" if os.path.exists(path) else ""
+    """The line for a failed write of a run's file: what, why, and for a full disk how much room it needs (size: the
+    bytes of a file written atomically; None for an append)."""
+    kept = f"; the previous {os.path.basename(path)} is intact" if size is not None and os.path.exists(path) else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         need = f"it needs {size / 1e6:.1f} MB and " if size else ""
