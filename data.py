@@ -426,19 +426,50 @@ class SyntheticShapes(Dataset):
 # -----------------------------------------------------------------------------
 # Image folders
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# What an image folder's files are read as: torchvision's ImageFolder list (the released loaders'), the other
+# names of JPEG and Netpbm files, and GIF (its first frame). Image files of other kinds (Pillow reads them only with
+# plug-ins, or they are not raster images) are counted by extension and named in the run's summary, never read.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                    ".pgm", ".pbm", ".pnm")
+NOT_READ_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".jpx", ".svg", ".ico", ".psd", ".tga",
+                       ".exr", ".hdr", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raw", ".eps", ".pcx",
+                       ".dds", ".xcf")
+UNREADABLE = -1   # the label of an unreadable image with on_bad_image="drop": the caller drops the sample
+
+
+def load_image(path):
+    """The image at path as an 8-bit RGB PIL image, decoded in full (a truncated file raises here).
+
+    As the released DINO / DINOv2 loaders read it (PIL's convert("RGB")): EXIF orientation is not applied (the
+    pixels as stored), transparency is dropped, a palette is expanded, a GIF gives its first frame. Except where
+    convert("RGB") destroys data: it clips 16-bit grayscale (PNG, TIFF: modes I;16 and I) at 255, so those are scaled,
+    0..65535 -> 0..255 rounded, and 32-bit float images (mode F) in [0, 1] -> 0..255; values outside those ranges
+    have no defined 8-bit scale and raise ValueError (the image is unreadable). 16-bit RGB(A) PNGs Pillow itself
+    reduces to their high bytes."""
+    with Image.open(path) as im:
+        if im.mode.startswith("I") or im.mode == "F":
+            a = np.asarray(im).astype(np.float64)                             # (H, W)
+            top = 65535.0 if im.mode.startswith("I") else 1.0
+            if a.size and not (a.min() >= 0 and a.max() <= top):
+                raise ValueError(f"mode {im.mode} image with values {a.min():g}..{a.max():g}, outside 0..{top:g}: "
+                                 f"no defined 8-bit scale")
+            return Image.fromarray(np.rint(a * (255 / top)).astype(np.uint8), "L").convert("RGB")
+        return im.convert("RGB")
 _LAYOUT = "expected DIR/<class>/<image>.jpg, one sub-folder per class"
 
 
 class ImageFolderDataset(Dataset):
-    """root/<class>/**/<image>, sorted class names -> 0..C-1, sorted files.
-    An unreadable image either stops with a DataError (on_bad_image="stop") or is
-    skipped (on_bad_image="skip"): a one-line warning, and the next readable sample is
-    returned instead, so batch shapes never change. `num_skipped` counts the distinct
-    unreadable files met so far, in this process and in DataLoader workers."""
+    """root/<class>/**/<image>, sorted class names -> 0..C-1, sorted files, read by load_image.
+    An unreadable image either stops with a DataError (on_bad_image="stop"), or is skipped with
+    a one-line warning: for training (on_bad_image="skip") the next readable sample is returned
+    instead, so batch shapes never change; for an evaluation, which must score each image once
+    (on_bad_image="drop"), the item is a black image labelled UNREADABLE, for the caller to drop.
+    `num_skipped` counts the distinct unreadable files met so far, in this process and in
+    DataLoader workers, `unreadable` names them; `skipped_by_extension` counts the image files
+    of kinds not read ({".heic": 3}, NOT_READ_EXTENSIONS)."""
 
     def __init__(self, root, transform=None, on_bad_image="skip"):
-        if on_bad_image not in ("skip", "stop"):
+        if on_bad_image not in ("skip", "stop", "drop"):
             raise DataError(f"on_bad_image must be 'skip' or 'stop', got {on_bad_image!r}: "
                             f"pass --on_bad_image skip or --on_bad_image stop")
         root = os.fspath(root)
@@ -456,11 +487,15 @@ class ImageFolderDataset(Dataset):
             hint = f" (it holds {n_loose} images directly: move them into class sub-folders)" \
                 if n_loose else ""
             raise DataError(f"data folder '{root}' has no class sub-folders{hint}: {_LAYOUT}")
+        skipped = {}
         samples = [(path, target) for target, c in enumerate(classes)
-                   for path in _image_files(os.path.join(root, c))]
+                   for path in _image_files(os.path.join(root, c), skipped)]
+        self.skipped_by_extension = dict(sorted(skipped.items()))
         if not samples:
+            other = f" (only {', '.join(f'{n} {e}' for e, n in skipped.items())}, not read: convert them)" \
+                if skipped else ""
             raise DataError(f"data folder '{root}' has {len(classes)} class sub-folders but no "
-                            f"image files ({' '.join(IMAGE_EXTENSIONS)}): {_LAYOUT}")
+                            f"image files ({' '.join(IMAGE_EXTENSIONS)}){other}: {_LAYOUT}")
         self.root, self.transform, self.on_bad_image = root, transform, on_bad_image
         self.classes, self.samples = classes, samples
         self.targets = [t for _, t in samples]
@@ -474,6 +509,11 @@ class ImageFolderDataset(Dataset):
     def num_skipped(self):
         return int(np.frombuffer(self._bad, dtype=np.int8).sum())
 
+    @property
+    def unreadable(self):
+        """The paths of the unreadable files met so far, in order."""
+        return [path for (path, _), bad in zip(self.samples, self._bad) if bad]
+
     def __len__(self):
         return len(self.samples)
 
@@ -485,8 +525,7 @@ class ImageFolderDataset(Dataset):
                 continue  # already known bad (maybe found by another worker)
             path, target = self.samples[j]
             try:
-                with Image.open(path) as im:
-                    img = im.convert("RGB")  # forces the full decode: truncation raises here
+                img = load_image(path)
             except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... on bad data
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 if self.on_bad_image == "stop":
@@ -496,6 +535,9 @@ class ImageFolderDataset(Dataset):
                 self._bad[j] = 1
                 print(f"warning: skipping unreadable image '{path}' ({reason})",
                       file=sys.stderr, flush=True)
+                if self.on_bad_image == "drop":  # scored nowhere: never replaced by another image
+                    black = Image.new("RGB", (64, 64))
+                    return (self.transform(black) if self.transform else black), UNREADABLE
                 continue
             return (self.transform(img) if self.transform else img), target
         raise DataError(f"no readable image in '{self.root}' (all {n} files failed to "
@@ -506,12 +548,18 @@ def _is_image(name):  # hidden files include macOS '._x.jpg' metadata, not image
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _image_files(folder):
-    """All image files under folder, recursively, in a deterministic order."""
+def _image_files(folder, skipped=None):
+    """All image files under folder, recursively, in a deterministic order; skipped[ext] counts the
+    image files of kinds not read (NOT_READ_EXTENSIONS)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # walk in order
         out += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+        if skipped is not None:
+            for f in filenames:
+                ext = os.path.splitext(f)[1].lower()
+                if ext in NOT_READ_EXTENSIONS and not f.startswith("."):
+                    skipped[ext] = skipped.get(ext, 0) + 1
     return out
 
 

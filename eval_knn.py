@@ -26,9 +26,11 @@ image nearly the same feature and that floor is decided by float32 rounding (nea
 gives the same architecture a floor that is not. --raw_pixels: no network, k-NN on the normalised pixels.
 """
 import argparse
+import errno
 import json
 import math
 import os
+import socket
 import sys
 
 import torch
@@ -38,7 +40,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import vit
-from data import IMAGENET_MEAN, IMAGENET_STD, DataError, build_dataset
+from data import IMAGENET_MEAN, IMAGENET_STD, UNREADABLE, DataError, build_dataset
 
 
 def add_interpolation_args(p):
@@ -264,7 +266,8 @@ class ClsAvgpool(torch.nn.Module):
 
 @torch.no_grad()
 def extract_features(model, dataset, device, batch_size=128, num_workers=0, rank=0, world_size=1, bf16=True):
-    """Backbone features of a whole dataset: (N, D) float32 and (N,) labels, row i from dataset[i], on every rank.
+    """Backbone features of a whole dataset: (N, D) float32 and (N,) labels of its readable images, in dataset order,
+    on every rank; an unreadable image (label UNREADABLE) is dropped, never replaced, so N counts the images scored.
 
     Each process takes every world_size-th image (no padding duplicates, unlike DistributedSampler); the
     shares are gathered back in dataset order. `dataset` may be decode_once's output: the same images, read once.
@@ -281,7 +284,8 @@ def extract_features(model, dataset, device, batch_size=128, num_workers=0, rank
     if world_size > 1:
         features = gather_in_order(features, len(dataset), world_size)             # (N, D)
         labels = gather_in_order(labels, len(dataset), world_size)                 # (N,)
-    return features, labels
+    readable = labels != UNREADABLE
+    return features[readable], labels[readable]
 
 
 # ----------------------------------------------------------------------------- backbone and data (eval_linear.py uses these too)
@@ -414,8 +418,9 @@ def build_splits(args, train_transform, val_transform):
         raise DataError(f"--data {data} has no train/ and val/ (or test/) sub-folders, so its images would be "
                         f"evaluated against themselves: put them in {os.path.join(data, 'train')}/<class>/ and "
                         f"{os.path.join(data, 'val')}/<class>/ (different images)")
-    train_set = build_dataset(args.data, train_transform, "train", args.on_bad_image)
-    val_set = build_dataset(args.data, val_transform, "val", args.on_bad_image)
+    on_bad_image = "drop" if args.on_bad_image == "skip" else "stop"             # scored once, or not at all
+    train_set = build_dataset(args.data, train_transform, "train", on_bad_image)
+    val_set = build_dataset(args.data, val_transform, "val", on_bad_image)
     roots = [getattr(s, "root", None) for s in (train_set, val_set)]
     if folder and None not in roots and os.path.realpath(roots[0]) == os.path.realpath(roots[1]):
         raise DataError(f"--data {data}: train/ and val/ are the same folder ({os.path.realpath(roots[0])}), so its "
@@ -444,10 +449,77 @@ def default_json(args, suffix, checkpoint=None):
     return os.path.join(folder, f"{stem}{key}_{suffix}.json")
 
 
+def check_writable(path, fix="pass --output_json FILE or --output_dir DIR where this user can write"):
+    """Stop now, with one line, if the result file at path could not be written at the end: path is not a folder, and
+    a file can be created in its folder (or, for a folder still to be made, in the nearest one that exists; nothing
+    is made here). Every evaluation script calls it on each file it will write, right after its argument checks and
+    before any checkpoint or image is read."""
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "it is a folder")
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder")
+        probe = os.path.join(folder, f".write-test.{socket.gethostname()}.{os.getpid()}")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o666))
+        os.remove(probe)
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
+    except OSError as e:
+        fail(f"cannot write the result to {path}: {os_problem(e)}; {fix}")
+    return path
+
+
 def write_json(obj, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+    """obj as JSON at path, atomically (a temporary file unique to the process, then a rename): a failed write leaves
+    no partial file and stops with one line (a full disk: how much room the file needs)."""
+    data = json.dumps(obj, indent=2).encode()
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        fail(f"cannot write the result to {path}: {os_problem(e)} (it needs {len(data) / 1e3:.1f} kB); the result "
+             f"is printed above")
+
+
+def os_problem(e):
+    """An OSError in the words of the fix it needs."""
+    return {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.EEXIST: "a part of the path is a file, not a folder",
+            errno.EISDIR: "it is a folder"}.get(e.errno, e.strerror or type(e).__name__)
+
+
+def skipped_files(datasets, world_size=1):
+    """What an evaluation did not score, for its JSON: {"skipped_images": n, "unreadable_images": [their paths],
+    "skipped_by_extension": {".heic": 3, ...}} over the datasets (image files of kinds data.py does not read). Call it
+    once the images have been read; with several processes, on every process (each met its own share)."""
+    bases = [getattr(d, "dataset", d) for d in datasets]                         # Decoded -> the dataset it read
+    names = sorted({path for d in bases for path in getattr(d, "unreadable", [])})
+    if world_size > 1:
+        every = [None] * world_size
+        dist.all_gather_object(every, names)
+        names = sorted(set().union(*every))
+    by_extension = {}
+    for d in bases:
+        for ext, n in getattr(d, "skipped_by_extension", {}).items():
+            by_extension[ext] = by_extension.get(ext, 0) + n
+    return {"skipped_images": len(names), "unreadable_images": names, "skipped_by_extension": by_extension}
+
+
+def skipped_note(skipped):
+    """One line on what was not scored, or None."""
+    parts = [f"{skipped['skipped_images']} unreadable images"] if skipped["skipped_images"] else []
+    parts += [f"{n} {ext} files (a kind not read: convert them)" for ext, n in skipped["skipped_by_extension"].items()]
+    return f"note: not scored: {', '.join(parts)}; the JSON lists them" if parts else None
 
 
 # ----------------------------------------------------------------------------- main
@@ -526,9 +598,22 @@ NEAR_IDENTICAL = ("every image's feature is nearly the same (all cosine similari
                   "the k-NN vote is decided by float32 rounding, not a measure of the images")
 
 
-def data_info(args, train_set, val_set):
+def data_info(args, train_set, val_set, world_size=1):
+    """The data fields of the JSON; on every process, once the images have been read (skipped_files)."""
     return {"data": args.data, "resize_size": args.resize_size, "crop_size": args.crop_size,
-            "skipped_images": getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0)}
+            **skipped_files([train_set, val_set], world_size)}
+
+
+def output_files(args):
+    """Every file this run will write, checked before any work (check_writable)."""
+    if args.load_features or args.raw_pixels:
+        paths = [default_json(args, "knn")]
+    else:
+        suffix = "knn_avgpool" if args.avgpool_patchtokens else "knn"
+        paths = [default_json(args, suffix, path) for path in args.checkpoint]
+    if args.save_features:
+        paths += [os.path.join(args.save_features, "knn_features.pth")]
+    return paths
 
 
 def cached_splits(args, splits, n_networks, rank, world_size, device):
@@ -545,6 +630,9 @@ def cached_splits(args, splits, n_networks, rank, world_size, device):
 def main(args):
     rank, world_size, device = init_distributed()
     check_args(args)
+    for path in output_files(args):
+        check_writable(path, "pass --save_features DIR where this user can write" if path.endswith(".pth") else
+                       "pass --output_json FILE or --output_dir DIR where this user can write")
     if args.load_features:
         path, feats = load_saved_features(args.load_features)
         report(args, {"features": path}, [("checkpoint", f"features from {path}", feats)], default_json(args, "knn"),
@@ -557,7 +645,8 @@ def main(args):
         runs = [("checkpoint", name, extract_splits(torch.nn.Flatten(), train_set, val_set, args, rank, world_size,
                                                     device))]
         info = {"floor": "raw-pixel floor: k-NN on the normalised pixels, no network", "features": "raw_pixels",
-                "feature_dim": dim, "checkpoint": None, "backbone": None, **data_info(args, train_set, val_set)}
+                "feature_dim": dim, "checkpoint": None, "backbone": None,
+                **data_info(args, train_set, val_set, world_size)}
         report(args, info, runs, default_json(args, "knn"), rank, device)
     else:
         evaluate_checkpoints(args, rank, world_size, device)
@@ -604,7 +693,8 @@ def evaluate_checkpoints(args, rank, world_size, device):
         info = {"checkpoint": path, "iteration": iteration, "checkpoint_key": args.checkpoint_key,
                 "backbone": arch_name(model),
                 "features": "cls+avgpool_patchtokens" if args.avgpool_patchtokens else "cls",
-                "feature_dim": model.embed_dim * (1 + args.avgpool_patchtokens), **data_info(args, train_set, val_set)}
+                "feature_dim": model.embed_dim * (1 + args.avgpool_patchtokens),
+                **data_info(args, train_set, val_set, world_size)}
         suffix = "knn_avgpool" if args.avgpool_patchtokens else "knn"            # the CLS result is not overwritten
         report(args, info, runs, default_json(args, suffix, path), rank, device)
 
@@ -617,6 +707,8 @@ def report(args, info, runs, path, rank, device):
     n_train = len(runs[0][2]["train_features"])
     if max(args.nb_knn) > n_train:
         print(f"note: k > {n_train} (the number of train images) is clamped to {n_train}")
+    if "skipped_images" in info and skipped_note(info):
+        print(skipped_note(info))
     for label, name, feats in runs:
         accs = knn_classify(feats["train_features"].to(device), feats["train_labels"].to(device),
                             feats["test_features"].to(device), feats["test_labels"].to(device),

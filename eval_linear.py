@@ -33,11 +33,11 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import vit
-from data import IMAGENET_MEAN, IMAGENET_STD, DataError
+from data import IMAGENET_MEAN, IMAGENET_STD, UNREADABLE, DataError
 from eval_knn import (add_init_layerscale_arg, add_interpolation_args, arch_name, build_splits, check_crop,
-                      check_init_layerscale, checkpoint_iteration, default_json, eval_transform, fail,
+                      check_init_layerscale, check_writable, checkpoint_iteration, default_json, eval_transform, fail,
                       init_distributed, init_floor, init_settings, linear_features, load_backbone, random_twin,
-                      write_json)  # the loading, data and feature code both share
+                      skipped_files, skipped_note, write_json)  # the loading, data and feature code both share
 
 DINOV2_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
 
@@ -145,7 +145,8 @@ def train_heads(heads, loader, feature_fn, lrs, epochs, device, momentum=0.9, we
                 f = feature_fn(x.to(device, non_blocking=True))                     # (B, F) frozen features
             y = torch.as_tensor(y).to(device, non_blocking=True)                   # (B,)
             logits = heads(f)                                                      # (L, B, C)
-            loss = sum(F.cross_entropy(out, y) for out in logits)                  # heads are independent: sum
+            n = (y != UNREADABLE).sum().clamp_min(1)                                # unreadable images: no loss
+            loss = sum(F.cross_entropy(out, y, ignore_index=UNREADABLE, reduction="sum") for out in logits) / n
             optimizer.zero_grad(set_to_none=True)
             loss.backward()                                                        # DDP averages over processes
             optimizer.step()
@@ -169,8 +170,8 @@ def evaluate_heads(heads, loader, feature_fn, device, world_size=1):
         y = torch.as_tensor(y).to(device, non_blocking=True)                       # (B,) pinned: no sync
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y[None, :, None]   # (L, B, 5)
         batch_hits = torch.stack([top[..., 0].sum(1), top.any(-1).sum(1)], dim=1)  # (L, 2)
-        hits += batch_hits
-        n += len(y)
+        hits += batch_hits                                                         # UNREADABLE is never a hit
+        n += (y != UNREADABLE).sum()
     if world_size > 1:
         dist.all_reduce(hits)
         dist.all_reduce(n)
@@ -241,6 +242,7 @@ def summary(accs, args, world_size):
 def main(args):
     rank, world_size, device = init_distributed()
     check_args(args)
+    path = check_writable(default_json(args, "linear"))                          # before any work
     ckpt = vit.read_checkpoint(args.checkpoint)
     model, ckpt_args = load_backbone(ckpt, args.checkpoint_key, args.interpolate_offset, args.interpolate_antialias)
     iteration = checkpoint_iteration(ckpt)
@@ -278,9 +280,12 @@ def main(args):
             result.update(res)
         else:
             result[label] = {**init_fields, **res}
-    result["skipped_images"] = getattr(train_set, "num_skipped", 0) + getattr(val_set, "num_skipped", 0)
+    skipped = skipped_files([train_set, val_set], world_size)
+    result.update(num_train=len(train_set) - skipped_files([train_set], world_size)["skipped_images"],
+                  num_val=len(val_set) - skipped_files([val_set], world_size)["skipped_images"], **skipped)   # scored
     if rank == 0:
-        path = default_json(args, "linear")
+        if skipped_note(skipped):
+            print(skipped_note(skipped))
         write_json(result, path)
         print(f"written to {path}")
     if world_size > 1:

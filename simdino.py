@@ -26,6 +26,9 @@ the four method files: skip it on a first read) and this method's flags.
 """
 import argparse
 import copy
+import datetime
+import errno
+import fcntl
 import functools
 import itertools
 import json
@@ -33,7 +36,9 @@ import math
 import multiprocessing as mp
 import os
 import random
+import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -308,16 +313,81 @@ def train(args):
 # ======================================================================================================================
 
 def start_run(args):
-    """The process group, the argument checks and the refusal to overwrite a run, before anything is written:
-    (rank, world size, device, path of the run's checkpoint.pth)."""
+    """The process group, the argument checks, and the output folder claimed before anything heavy is built (made,
+    written to, locked against a second run, cleared of a killed run's partial files): (rank, world size, device,
+    path of the run's checkpoint.pth)."""
     rank, world_size, device = init_distributed()
     check_args(args)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    RUN.update(rank=rank, path=ckpt_path)
-    if args.resume is None and os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output_dir")
+    RUN.update(rank=rank, world_size=world_size, path=ckpt_path, done=None, saved=None)
+    problem = [claim_output_dir(args, ckpt_path) if rank == 0 else None]      # rank 0 writes the run's files
+    if world_size > 1:
+        dist.broadcast_object_list(problem)                                # every process stops, or none
+    if problem[0]:
+        fail(problem[0])
     seed_all(args.seed)
     return rank, world_size, device, ckpt_path
+
+
+def claim_output_dir(args, ckpt_path):
+    """--output_dir made and written to, and locked for this run: flock on run.lock, which the kernel releases when
+    the process ends, however it ends, so a killed run's lock never blocks --resume. The partial files of a run
+    killed while writing them are removed. Returns what is wrong, or None."""
+    folder = args.output_dir
+    release_output_dir()                                              # an earlier train() in this process
+    made = not os.path.isdir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, "run.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        return f"cannot write to --output_dir {folder}: {os_problem(e)}; choose a folder this user can write"
+    RUN.update(lock=fd, made=folder if made else None)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "it has not written its name yet"
+        return (f"--output_dir {folder} is in use by a live run ({holder}): wait for it to end or stop it, or choose "
+                f"another --output_dir")
+    except OSError as e:                                              # a network filesystem without locks
+        print(f"note: the filesystem of {folder} cannot lock files ({e.strerror}): a second run into the folder "
+              f"would not be refused", flush=True)
+    if args.resume is None and os.path.exists(ckpt_path):
+        return f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output_dir"
+    probe = os.path.join(folder, f".write-test.{socket.gethostname()}.{os.getpid()}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o666))     # a new file, as a checkpoint will be
+        os.remove(probe)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, {os.path.basename(__file__)} started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
+    except OSError as e:
+        return f"cannot write to --output_dir {folder}: {os_problem(e)}; choose a folder this user can write"
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".tmp") and name.startswith(("checkpoint", "log.jsonl")):
+            size = os.path.getsize(os.path.join(folder, name))
+            os.remove(os.path.join(folder, name))
+            print(f"note: removed {name} ({size / 1e6:.1f} MB), left by a run stopped while writing it", flush=True)
+    return None
+
+
+def release_output_dir():
+    """Unlock --output_dir; a folder this run made and wrote nothing to goes too (a failed start leaves nothing)."""
+    fd, made = RUN["lock"], RUN["made"]
+    if fd is None:
+        return
+    if made and os.listdir(made) == ["run.lock"]:
+        os.remove(os.path.join(made, "run.lock"))
+        os.rmdir(made)
+    os.close(fd)
+    RUN.update(lock=None, made=None)
+
+
+def os_problem(e):
+    """An OSError in the words of the fix it needs."""
+    return {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.EEXIST: "it is a file, not a folder"}.get(e.errno, e.strerror or type(e).__name__)
 
 
 def run_length(args, num_images, world_size):
@@ -460,17 +530,26 @@ def seeded_collate(items, collate, seed):
 
 
 def worker_init(_):
-    """Data-loading workers leave SIGINT and SIGTERM to the main process, which ends them (stop_on_signals)."""
+    """Data-loading workers leave SIGINT and SIGTERM to the main process, which ends them (stop_on_signals), and do
+    not hold the output folder's lock."""
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if RUN["lock"] is not None:                                       # the lock dies with the main process alone
+        os.close(RUN["lock"])
 
 
-RUN = {"rank": 0, "iteration": None, "path": None, "checkpoint": None}   # what train() reports if it is stopped
+# What a stop reports and cleans up: the iteration under way and the iterations done, the run's checkpoint.pth and
+# (the last complete checkpoint, the iterations it holds), the lock's file descriptor, the output folder if this run
+# made it, the temporary files being written.
+RUN = {"rank": 0, "world_size": 1, "iteration": None, "done": None, "path": None, "saved": None, "lock": None,
+       "made": None, "partial": set()}
+SAVING = threading.Lock()                # a rename and the stop thread's clean-up never interleave
 
 
 def stop_on_signals():
-    """Ctrl-C (SIGINT) and SIGTERM end the process within a second: workers killed, one line, exit 128 + signal.
+    """Ctrl-C (SIGINT) and SIGTERM end the process within a second: workers killed, the temporary file of a save
+    under way removed, one line, exit 128 + signal.
 
     A Python signal handler runs only once the main thread is back in Python, which in the middle of a
     backward pass (one C++ call) can take minutes on a CPU. So the signal number also goes down a pipe
@@ -490,14 +569,64 @@ def stop_on_signals():
             signum = os.read(r, 1)[0]                            # here, the DataLoader's SIGCHLD too: skip those
         for worker in mp.active_children():
             worker.kill()
-        if RUN["rank"] == 0:
-            where = "before training" if RUN["iteration"] is None else f"at iteration {RUN['iteration']}"
-            last = (f"the last checkpoint, {RUN['path']} (iteration {RUN['checkpoint']}), is intact: --resume "
-                    f"continues from it" if RUN["checkpoint"] else "no checkpoint was written by this run")
-            os.write(2, f"\nstopped by {signal.Signals(signum).name} {where}; {last}\n".encode())
-        os._exit(128 + signum)
+        with SAVING:                                             # held until the exit: no rename after this
+            for tmp in RUN["partial"]:
+                remove_quietly(tmp)
+            release_output_dir()
+            gone = peers_gone()
+            if RUN["rank"] == min(set(range(RUN["world_size"])) - set(gone)):   # rank 0, or the first survivor
+                name = signal.Signals(signum).name
+                os.write(2, (f"\nstopped: {'rank' if len(gone) == 1 else 'ranks'} {', '.join(map(str, gone))} of "
+                             f"this run ended first, and torchrun then stopped this process ({name}) {progress_made()}"
+                             f"; torchrun's report follows\n" if gone else
+                             f"\nstopped by {name} {progress_made()}\n").encode())
+            os._exit(128 + signum)
 
     threading.Thread(target=stop, daemon=True).start()
+
+
+def progress_made():
+    """How far the run got and where it resumes: 'after 8 iterations; the checkpoint ... holds 8 and is intact: ...'."""
+    done = "before training" if RUN["done"] is None else f"after {RUN['done']} iterations"
+    if RUN["saved"] is None:
+        return f"{done}; no checkpoint was written yet, so a new run starts from the beginning"
+    path, iterations = RUN["saved"]
+    resume = "--resume" if path == RUN["path"] else f"--resume {path}"
+    return f"{done}; the checkpoint {path} holds {iterations} and is intact: {resume} continues from it"
+
+
+def peers_gone(wait=2.0):
+    """Under torchrun, the ranks of the run that did not stop with this one. Each process stopped by a signal says
+    so in torchrun's store; one that had ended already (killed, crashed) never does, and is missing after `wait` s."""
+    if RUN["world_size"] == 1 or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return []
+    key = f"stopping-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}-"
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=wait))
+        store.set(f"{key}{RUN['rank']}", "1")
+        deadline = time.time() + wait
+        while True:
+            gone = [r for r in range(RUN["world_size"]) if not store.check([f"{key}{r}"])]
+            if not gone or time.time() > deadline:
+                return gone
+            time.sleep(0.05)
+    except Exception:                                                 # no store to ask: say nothing about the others
+        return []
+
+
+def stop_if_peer_lost(e):
+    """If an exception is a broken connection to another process of the run (which ended first): one line, the
+    temporary files removed, exit 1, as the stop thread ends a process (os._exit: the collectives' threads are not
+    joined). Any other exception is left to the caller."""
+    if RUN["world_size"] > 1 and (isinstance(e, dist.DistError) or "by peer" in str(e)):
+        with SAVING:                                                  # one line, whether this or a signal is first
+            for tmp in RUN["partial"]:
+                remove_quietly(tmp)
+            release_output_dir()
+            os.write(2, f"error: another process of this run ended first (its message or torchrun's report says why), "
+                        f"and this one lost its connection to it {progress_made()}\n".encode())
+            os._exit(1)
 
 
 class Progress:
@@ -512,7 +641,13 @@ class Progress:
         if rank == 0 and args.warmup_epochs >= args.epochs:
             print(f"note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning rate rises "
                   f"for the whole run, never reaching its peak nor decaying; lower --warmup_epochs", flush=True)
-        self.file = open_log(args.output_dir, start_it) if rank == 0 else None
+        skipped = getattr(dataset, "skipped_by_extension", {})               # files data.py does not read
+        if rank == 0 and skipped:
+            print(f"note: {sum(skipped.values())} files of --data were not read, by their extension "
+                  f"({', '.join(f'{n} {ext}' for ext, n in skipped.items())}): convert them to JPEG or PNG to train "
+                  f"on them", flush=True)
+        self.log_path = os.path.join(args.output_dir, "log.jsonl")
+        self.log_fd = open_log(self.log_path, start_it) if rank == 0 else None
 
     def steps(self, loader):
         """(epoch, iteration, batch) for each iteration left; torch's RNG reseeded by the iteration (drop path)."""
@@ -526,13 +661,14 @@ class Progress:
             for i, batch in enumerate(self.bar, first):
                 it = epoch * n + i
                 seed_all(self.args.seed + 1 + it * self.world_size + self.rank)   # the same draws on resume
-                RUN["iteration"] = it
+                RUN["iteration"], RUN["done"] = it, it
                 yield epoch, it, batch
 
     def log(self, it, terms, **values):
         """terms: the step's loss first, then its parts (tensors, averaged over the processes); values: floats."""
         self.bad += ~torch.isfinite(next(iter(terms.values())))
         self.done += 1
+        RUN["done"] = it + 1
         if it == self.start_it:
             self.t_first = time.time()                             # the first step warms up: time the second
         elif it == self.start_it + 1 and self.rank == 0 and self.device.type == "cpu":
@@ -553,22 +689,24 @@ class Progress:
                   "images_per_s": images_per_s, "skipped_images": getattr(self.dataset, "num_skipped", 0)}
         if self.rank == 0:
             self.bar.set_postfix({**{k: f"{record[k]:.4g}" for k in (*terms, "lr")}, "img_s": f"{images_per_s:.0f}"})
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                os.write(self.log_fd, (json.dumps(record) + "\n").encode())       # unbuffered: a full disk fails here
+            except OSError as e:
+                fail(write_problem(self.log_path, e))
 
     def finish(self):
         if self.rank == 0:
-            self.file.close()
+            os.close(self.log_fd)
+            release_output_dir()
             print(f"done: teacher weights in {self.ckpt_path} (load with vit.vit_from_checkpoint)")
         if self.world_size > 1:
             dist.destroy_process_group()
 
 
-def open_log(output_dir, start_it):
-    """log.jsonl, open for appending, with only its records of iterations before start_it: a killed run may
-    have logged iterations past its last checkpoint, which the resumed run does again, so its log reads as one run."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "log.jsonl")
+def open_log(path, start_it):
+    """log.jsonl, open for appending (a file descriptor), with only its records of iterations before start_it: a killed
+    run may have logged iterations past its last checkpoint, which the resumed run does again, so its log reads as one
+    run."""
     kept = []
     if os.path.exists(path):
         with open(path) as f:
@@ -578,10 +716,12 @@ def open_log(output_dir, start_it):
                         kept.append(line)
                 except (ValueError, KeyError, TypeError):             # a line cut short by a kill
                     pass
-    with open(f"{path}.tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(f"{path}.tmp", path)
-    return open(path, "a")
+    data = "".join(kept).encode()
+    write_atomically(path, lambda f: f.write(data), len(data))
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND)
+    except OSError as e:
+        fail(write_problem(path, e))
 
 
 def note_cpu_hours(seconds_per_it, iterations_left):
@@ -608,16 +748,91 @@ def save_training_state(path, args, it, iters_per_epoch, student, teacher, optim
             "epoch": (it + 1) // iters_per_epoch, "iteration": it + 1, "args": vars(args)}
     if RUN["rank"] == 0:
         save_checkpoint(ckpt, path)
-        RUN["checkpoint"] = it + 1
-        if epoch_end and args.saveckp_freq and ckpt["epoch"] % args.saveckp_freq == 0:
-            save_checkpoint(ckpt, os.path.join(args.output_dir, f"checkpoint{ckpt['epoch']:04d}.pth"))
+    if RUN["world_size"] > 1:
+        dist.barrier()                                                # the others learn that it is written
+    RUN["saved"] = (path, it + 1)                                     # on every process, for the line a stop prints
+    if RUN["rank"] == 0 and epoch_end and args.saveckp_freq and ckpt["epoch"] % args.saveckp_freq == 0:
+        save_checkpoint(ckpt, os.path.join(args.output_dir, f"checkpoint{ckpt['epoch']:04d}.pth"))
 
 
 def save_checkpoint(obj, path):
-    """Write to a temporary file, then rename: a crash while saving never destroys the previous file."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save, atomically (write_atomically): a crash while saving never destroys the previous file."""
+    write_atomically(path, lambda f: torch.save(obj, f), tensor_bytes(obj))
+
+
+def tensor_bytes(obj):
+    """The bytes of the tensors in a (nested) checkpoint: what its file needs, give or take a few kB."""
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return obj.numel() * obj.element_size() if torch.is_tensor(obj) else 0
+
+
+class RawFile:
+    """The file torch.save writes through: every byte written or an OSError (ENOSPC, EDQUOT) with its errno, which
+    torch.save to a path or to a buffered file turns into an 'unexpected pos' RuntimeError."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(self.fd, view):]
+        return len(data)
+
+    def flush(self):
+        pass
+
+
+def write_atomically(path, write, size):
+    """write(f) into a temporary file beside path (a name unique to the process), flushed to the disk, then renamed
+    over path: the previous file stays whole until the new one is. A failed write removes the temporary file (so
+    does the stop thread on a signal; after a SIGKILL the next run into the folder does) and stops the run with one
+    line: a full disk says how much room the file needs (size: its bytes)."""
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    with SAVING:
+        RUN["partial"].add(tmp)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            write(RawFile(fd))
+            os.fsync(fd)                                              # on the disk before the rename
+        finally:
+            os.close(fd)
+        with SAVING:
+            os.replace(tmp, path)
+            RUN["partial"].discard(tmp)
+    except BaseException as e:
+        with SAVING:
+            remove_quietly(tmp)
+            RUN["partial"].discard(tmp)
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):   # torch.save wraps the write's OSError
+            cause = cause.__context__
+        if cause is None:
+            raise
+        fail(write_problem(path, cause, size))
+
+
+def write_problem(path, e, size=None):
+    """The line for a failed write of a run's file: what, why, and for a full disk how much room it needs (size: the
+    bytes of a file written atomically; None for an append)."""
+    kept = f"; the previous {os.path.basename(path)} is intact" if size is not None and os.path.exists(path) else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        need = f"it needs {size / 1e6:.1f} MB and " if size else ""
+        return (f"{os_problem(e)} writing {path}: {need}{free / 1e6:.1f} MB are free there{kept}. Make room, or "
+                f"move the folder to a larger disk, then continue with --resume")
+    return f"cannot write {path}: {os_problem(e)}{kept}; fix that, then continue with --resume"
+
+
+def remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def resume_run(args, ckpt_path, total_iters, student, teacher, optimizer, **state):
@@ -628,6 +843,7 @@ def resume_run(args, ckpt_path, total_iters, student, teacher, optimizer, **stat
     ckpt = load_training_state(ckpt_path if args.resume == "auto" else args.resume, student, teacher, optimizer)
     for name, tensor in state.items():
         tensor.copy_(ckpt[name])
+    RUN["saved"] = (ckpt_path if args.resume == "auto" else args.resume, ckpt["iteration"])
     if ckpt["iteration"] >= total_iters:
         fail(f"--resume: the checkpoint is at iteration {ckpt['iteration']}, the end of a run of {args.epochs} epochs "
              f"of {total_iters // args.epochs} iterations: nothing to train (raise --epochs to train on)")
@@ -685,7 +901,9 @@ def load_pretrained(path, student, teacher):
 
 
 def fail(msg):
-    """Stop every process with a one-line message and a non-zero exit code, no traceback."""
+    """Stop every process with a one-line message and a non-zero exit code, no traceback; the output folder unlocked
+    (and removed if this run made it and wrote nothing to it)."""
+    release_output_dir()
     sys.exit(f"error: {msg}")
 
 
@@ -900,3 +1118,6 @@ if __name__ == "__main__":
         train(get_args())
     except (DataError, vit.CheckpointError) as e:
         fail(e)
+    except Exception as e:
+        stop_if_peer_lost(e)
+        raise

@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 
 import vit
-from data import IMAGENET_MEAN, IMAGENET_STD
+from data import IMAGENET_MEAN, IMAGENET_STD, load_image
+from eval_knn import check_writable, os_problem
 
 # matplotlib's viridis at 0, 1/8, ..., 1 (linear between the stops): perceptually even, readable in grey
 VIRIDIS = np.array([[0.267004, 0.004874, 0.329415], [0.282623, 0.140926, 0.457517], [0.229739, 0.322361, 0.545706],
@@ -171,10 +172,10 @@ def image_hw(args, patch_size):
 
 
 def read_image(path, h, w):
-    """(H, W, 3) uint8 of the image resized to h x w; a missing or unreadable file stops with one line."""
+    """(H, W, 3) uint8 of the image resized to h x w, decoded as the training and evaluation scripts decode it
+    (data.load_image); a missing or unreadable file stops with one line."""
     try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB").resize((w, h), Image.BICUBIC))
+        return np.array(load_image(path).resize((w, h), Image.BICUBIC))
     except FileNotFoundError:
         fail(f"image '{path}' does not exist: pass image files to --images")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -195,12 +196,16 @@ def output_names(paths):
 
 
 def save_png(array, path):
-    Image.fromarray(array).save(path)
+    try:
+        Image.fromarray(array).save(path)
+    except OSError as e:
+        fail(f"cannot write {path}: {os_problem(e)}; pass --output_dir DIR where this user can write")
 
 
 def main(args):
     if not 0 < args.threshold <= 1:
         fail(f"--threshold {args.threshold} must be in (0, 1]: the fraction of the attention mass kept")
+    check_writable(os.path.join(args.output_dir, "montage.png"), "pass --output_dir DIR where this user can write")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = vit.vit_from_checkpoint(args.checkpoint, which=args.checkpoint_key).eval().to(device)
     p = model.patch_size

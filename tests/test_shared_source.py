@@ -19,7 +19,9 @@ SHARED = {
     "save_training_state": ALL, "save_checkpoint": ALL, "resume_run": ALL, "load_training_state": ALL,
     "load_optimizer_state": ALL, "load_pretrained": ALL, "fail": ALL, "HelpFormatter": ALL, "Ranged": ALL,
     "int_or_auto": ALL, "add_run_flags": ALL, "check_shared_args": ALL, "in_interval": ALL,
-    "use_bf16": ALL,
+    "use_bf16": ALL, "claim_output_dir": ALL, "release_output_dir": ALL, "os_problem": ALL, "progress_made": ALL,
+    "peers_gone": ALL, "stop_if_peer_lost": ALL, "tensor_bytes": ALL, "RawFile": ALL, "write_atomically": ALL,
+    "write_problem": ALL, "remove_quietly": ALL,
     # within a family: DINO's recipe in both v1 files, DINOv2's in both v2 files, the coding rate in both Sim files
     "Network": ("simdino.py", "dino.py"), "param_groups": ("simdino.py", "dino.py"),
     "clip_gradients": ("simdino.py", "dino.py"), "clip_parts": ("simdinov2.py", "dinov2.py"),
