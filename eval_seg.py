@@ -37,10 +37,10 @@ from PIL import Image
 from tqdm import tqdm
 
 import vit
-from data import IMAGENET_MEAN, IMAGENET_STD, DataError, _is_image
+from data import IMAGENET_MEAN, IMAGENET_STD, DataError, _is_image, load_image
 from eval_knn import (add_init_layerscale_arg, add_interpolation_args, arch_name, check_init_layerscale,
                       checkpoint_iteration, default_json, fail, gather_in_order, init_distributed, init_floor,
-                      init_settings, load_backbone, random_twin, write_json)  # the evaluation scripts' shared plumbing
+                      init_settings, load_backbone, random_twin, write_json, check_writable)  # the shared plumbing
 
 IGNORE = -100   # the ignored label inside this script (F.cross_entropy's default)
 
@@ -153,7 +153,7 @@ class SegFolder(torch.utils.data.Dataset):
         return np.where(m == self.ignore_index, IGNORE, m)
 
     def __getitem__(self, i):
-        return np.array(Image.open(self.pairs[i][0]).convert("RGB")), self.labels(i)
+        return np.array(load_image(self.pairs[i][0])), self.labels(i)
 
 
 def rescale_size(h, w, img_scale, ratio=1.0):
@@ -526,6 +526,8 @@ def run(backbone, args, train_set, val_set, num_classes, seed, device, rank, wor
 def main(args):
     rank, world_size, device = init_distributed()
     check_args(args)
+    json_path = default_json(args, "seg")
+    check_writable(json_path)                                   # before any work: the result must have a place
     ckpt = vit.read_checkpoint(args.checkpoint)
     model, ckpt_args = load_backbone(ckpt, args.checkpoint_key, args.interpolate_offset, args.interpolate_antialias)
     iteration = checkpoint_iteration(ckpt)
@@ -563,9 +565,8 @@ def main(args):
         else:
             result[label] = {**init_fields, **res}
     if rank == 0:
-        path = args.output_json or default_json(args, "seg")
-        write_json(result, path)
-        print(f"written to {path}")
+        write_json(result, json_path)
+        print(f"written to {json_path}")
     if world_size > 1:
         dist.destroy_process_group()
 

@@ -39,10 +39,10 @@ from PIL import Image
 from tqdm import tqdm
 
 import vit
-from data import IMAGENET_MEAN, DataError, _is_image
+from data import IMAGENET_MEAN, DataError, _is_image, load_image
 from eval_knn import (add_init_layerscale_arg, add_interpolation_args, arch_name, check_init_layerscale,
                       checkpoint_iteration, default_json, fail, init_distributed, init_floor, init_settings,
-                      load_backbone, random_twin, write_json)  # the evaluation scripts' shared plumbing
+                      load_backbone, random_twin, write_json, check_writable)  # the shared plumbing
 
 DINO_STD = (0.228, 0.224, 0.225)   # DINO's color_normalize: 0.228 for red, not ImageNet's 0.229
 
@@ -229,7 +229,7 @@ def read_frame(path, size, patch_size):
     """Image file -> (3, H', W') float, resized to size = (H, W) bilinearly (OpenCV's INTER_LINEAR formula: half-pixel
     centres, no anti-aliasing, rounded to 8 bits as cv2 returns them), normalised with DINO's mean / std, cropped
     to a multiple of the patch size."""
-    img = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+    img = torch.from_numpy(np.asarray(load_image(path), dtype=np.float32)).permute(2, 0, 1)
     img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0].round().clamp(0, 255) / 255
     img = (img - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(DINO_STD)[:, None, None]
     H, W = size[0] // patch_size * patch_size, size[1] // patch_size * patch_size
@@ -392,14 +392,17 @@ def result_line(name, res):
 def main(args):
     rank, world_size, device = init_distributed()
     check_args(args)
+    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"{stem}_davis")
+    json_path = default_json(args, "davis")
+    for path in (json_path, os.path.join(out_dir, "frame.png")):   # before any work: the results must have a place
+        check_writable(path)
     ckpt = vit.read_checkpoint(args.checkpoint)
     model, ckpt_args = load_backbone(ckpt, args.checkpoint_key, args.interpolate_offset, args.interpolate_antialias)
     iteration = checkpoint_iteration(ckpt)
     del ckpt
     check_init_layerscale(args, model)
     videos = list_videos(args)
-    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
-    out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"{stem}_davis")
     nets = [("checkpoint", f"{arch_name(model)} {args.checkpoint_key}, {args.checkpoint}", model, out_dir)]
     seed, ls, source = init_settings(args, ckpt_args)
     init_name, init_fields = init_floor(model, seed, ls, source)
@@ -424,9 +427,8 @@ def main(args):
         else:
             result[label] = {**init_fields, **res, "predictions": folder}
     if rank == 0:
-        path = args.output_json or default_json(args, "davis")
-        write_json(result, path)
-        print(f"written to {path}")
+        write_json(result, json_path)
+        print(f"written to {json_path}")
     if world_size > 1:
         dist.destroy_process_group()
 

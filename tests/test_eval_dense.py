@@ -387,8 +387,9 @@ def bad_data(tmp_path):
     return seg, nomask, vids, str(tmp_path / "empty")
 
 
-SEG_CASES = ["no data", "missing mask", "too few classes", "crop not divisible", "too many blocks", "bad ratio"]
-VID_CASES = ["no data", "first mask missing", "no videos", "video list missing", "topk 0"]
+SEG_CASES = ["no data", "missing mask", "too few classes", "crop not divisible", "too many blocks", "bad ratio",
+             "unwritable json"]
+VID_CASES = ["no data", "first mask missing", "no videos", "video list missing", "topk 0", "unwritable predictions"]
 
 
 @pytest.mark.parametrize("script,case", [("seg", c) for c in SEG_CASES] + [("video", c) for c in VID_CASES])
@@ -408,7 +409,12 @@ def test_bad_input_in_process(script, case, tiny_checkpoint, tmp_path):
              ("video", "no videos"): (ck + VID + ["--data", empty], "holds no videos"),
              ("video", "video list missing"): (ck + VID + ["--data", vids, "--video_list", "nope.txt"],
                                                "does not exist"),
-             ("video", "topk 0"): (ck + VID + ["--data", vids, "--topk", "0"], "--topk 0 must be positive")}
+             ("video", "topk 0"): (ck + VID + ["--data", vids, "--topk", "0"], "--topk 0 must be positive"),
+             # an unwritable result is refused before the (here missing) checkpoint is read
+             ("seg", "unwritable json"): (ck + SEG + ["--data", seg, "--output_json", "/proc/x/r.json"],
+                                          "cannot write the result to /proc/x/r.json"),
+             ("video", "unwritable predictions"): (ck + VID + ["--data", vids, "--output_dir", "/proc/x"],
+                                                   "cannot write the result to /proc/x/")}
     argv, phrase = cases[(script, case)]
     with pytest.raises(SystemExit) as e:
         (eval_seg if script == "seg" else evs).cli(argv)
