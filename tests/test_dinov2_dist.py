@@ -89,7 +89,7 @@ def test_one_vs_n_processes(single, world_size, tmp_path):
         # loss, DINO, iBOT: equal; KoLeo (weight 0 here): computed per process, so NOT equal
         torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-5, atol=1e-6, msg=centering)
         torch.testing.assert_close(two["terms"][:2], one["terms"][:2], rtol=1e-5, atol=1e-6, msg=centering)
-        assert abs(two["terms"][2] - one["terms"][2]) > 0.01
+        assert abs(two["terms"][2] - one["terms"][2]) > 1e-3       # far above rounding (1e-6), whatever the init
         assert one["terms"][1] > 0 and one["grads"]["backbone.mask_token"].abs().sum() > 0   # masking reached the loss
         for name in ("center", "patch_center"):
             torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=f"{centering} {name}")
