@@ -473,20 +473,25 @@ def check_writable(path, fix="pass --output_json FILE or --output_dir DIR where 
 
 
 def write_json(obj, path):
-    """obj as JSON at path, atomically (a temporary file unique to the process, then a rename): a failed write leaves
-    no partial file and stops with one line (a full disk: how much room the file needs)."""
+    """obj as JSON at path, atomically: a failed write leaves no partial file and stops with one line (a full disk:
+    how much room the file needs)."""
     data = json.dumps(obj, indent=2).encode()
+    write_atomically(path, lambda f: f.write(data), f" (it needs {len(data) / 1e3:.1f} kB); the result is printed above")
+
+
+def write_atomically(path, write, note=""):
+    """write(f) into a temporary file unique to the process, then renamed to path; on an OSError the temporary file
+    is removed and the script stops with one line naming the path and the cause."""
     tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
         os.replace(tmp, path)
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        fail(f"cannot write the result to {path}: {os_problem(e)} (it needs {len(data) / 1e3:.1f} kB); the result "
-             f"is printed above")
+        fail(f"cannot write {'the result to ' if path.endswith('.json') else ''}{path}: {os_problem(e)}{note}")
 
 
 def os_problem(e):
@@ -688,8 +693,9 @@ def evaluate_checkpoints(args, rank, world_size, device):
             os.makedirs(args.save_features, exist_ok=True)
             for label, _, feats in runs:
                 fname = "knn_features.pth" if label == "checkpoint" else f"knn_features_{label}.pth"
-                torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in feats.items()},
-                           os.path.join(args.save_features, fname))
+                feats = {k: v.cpu() if torch.is_tensor(v) else v for k, v in feats.items()}
+                write_atomically(os.path.join(args.save_features, fname), lambda f: torch.save(feats, f),
+                                 "; pass --save_features DIR on a disk with room")
         info = {"checkpoint": path, "iteration": iteration, "checkpoint_key": args.checkpoint_key,
                 "backbone": arch_name(model),
                 "features": "cls+avgpool_patchtokens" if args.avgpool_patchtokens else "cls",

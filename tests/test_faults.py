@@ -241,6 +241,24 @@ def test_an_evaluation_that_cannot_write_its_json_fails_before_it_reads_anything
 
 # ----------------------------------------------------------------------------- decoding
 
+def test_evaluation_files_are_written_atomically_and_a_full_disk_is_one_line(tmp_path):
+    """The JSON and --save_features' files: a write that fails (ENOSPC here) stops with one line, leaves no partial
+    file and keeps the previous one."""
+    path = tmp_path / "knn_features.pth"
+    path.write_bytes(b"previous")
+
+    def full_disk(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(SystemExit) as e:
+        eval_knn.write_atomically(str(path), full_disk, "; pass --save_features DIR on a disk with room")
+    assert str(e.value.code) == (f"error: cannot write {path}: the disk is full; pass --save_features DIR on a disk "
+                                 f"with room")
+    assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["knn_features.pth"]
+    eval_knn.write_atomically(str(path), lambda f: torch.save({"x": torch.ones(2)}, f))
+    assert torch.equal(torch.load(path)["x"], torch.ones(2)) and os.listdir(tmp_path) == ["knn_features.pth"]
+
+
 def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
     values = np.array([[0, 6, 257, 30000, 65473, 65535]], dtype=np.uint16)
     Image.fromarray(values).save(tmp_path / "g16.png")                            # a 16-bit grayscale PNG
