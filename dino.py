@@ -973,7 +973,8 @@ def add_run_flags(p):
     p.add_argument("--log_every", default=10, type=Ranged(int, "[1, inf)"),
                    help="Iterations between log records (each costs one GPU sync).")
     p.add_argument("--fsdp", action="store_true",
-                   help="Shard student and teacher with FSDP2 instead of DDP, for models that crowd a GPU (README).")
+                   help="""Shard student and teacher with FSDP2 instead of DDP, for models that crowd a GPU
+                   (docs/performance.md).""")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block.")
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="Recompute the student's block activations in backward: far less memory, 1/3 more compute.")
@@ -1098,7 +1099,7 @@ def build_parser():
     p.add_argument("--photometric", default="auto", choices=["auto", "device", "pil"],
                    help="""Where colour jitter, grayscale, blur and solarisation run: 'device', batched after the
                    copy (the same distribution of views, 2.5x the images/s per loader core); 'pil', DINO's PIL
-                   pipeline in the workers; 'auto': 'device' on CUDA, 'pil' on CPU (README).""")
+                   pipeline in the workers; 'auto': 'device' on CUDA, 'pil' on CPU (docs/performance.md).""")
     add_run_flags(p)
     return p
 

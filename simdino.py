@@ -956,7 +956,8 @@ def add_run_flags(p):
     p.add_argument("--log_every", default=10, type=Ranged(int, "[1, inf)"),
                    help="Iterations between log records (each costs one GPU sync).")
     p.add_argument("--fsdp", action="store_true",
-                   help="Shard student and teacher with FSDP2 instead of DDP, for models that crowd a GPU (README).")
+                   help="""Shard student and teacher with FSDP2 instead of DDP, for models that crowd a GPU
+                   (docs/performance.md).""")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block.")
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="Recompute the student's block activations in backward: far less memory, 1/3 more compute.")
@@ -1018,12 +1019,13 @@ def build_parser():
     # Loss (eq. 8)
     p.add_argument("--eps", default=math.sqrt(0.4), type=Ranged(float, "(0, inf)"),
                    help="""The paper's epsilon of eq. 7, R_eps = 1/2 logdet(I + d/eps^2 S). sqrt(0.4): the released
-                   runs' eps_code 0.05 times their 8 GPUs (README, Paper versus released code).""")
+                   runs' eps_code 0.05 times their 8 GPUs (docs/fidelity.md).""")
     p.add_argument("--cov_group_size", default="auto", type=Ranged(int_or_auto, "[1, inf)"),
                    help="""Samples n per coding-rate estimate: each view's batch is cut into groups of n, R_eps taken
                    on each and averaged. Independent of the GPU count, unlike the release's per-GPU batch. A
                    multiple of --batch_size_per_gpu spans processes (covariances all-reduced). 'auto': 64, the
-                   released runs' per-GPU batch, or the largest that the batch allows; printed at start (README).""")
+                   released runs' per-GPU batch, or the largest that the batch allows; printed at start
+                   (docs/fidelity.md).""")
     p.add_argument("--gamma", default="released",
                    help="""Weight of the coding-rate term: 'released', the authors' heuristic (d + B)/(d B) for d
                    --proj_dim and B the global batch (0.0059 at d=256, B=512), or a number (Remark C.3 derives
@@ -1082,7 +1084,7 @@ def build_parser():
     p.add_argument("--photometric", default="auto", choices=["auto", "device", "pil"],
                    help="""Where colour jitter, grayscale, blur and solarisation run: 'device', batched after the
                    copy (the same distribution of views, 2.5x the images/s per loader core); 'pil', DINO's PIL
-                   pipeline in the workers; 'auto': 'device' on CUDA, 'pil' on CPU (README).""")
+                   pipeline in the workers; 'auto': 'device' on CUDA, 'pil' on CPU (docs/performance.md).""")
     add_run_flags(p)
     return p
 
