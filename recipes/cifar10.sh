@@ -38,6 +38,7 @@ common=(--arch vit_tiny --patch_size 8 --drop_path_rate 0.1
         --local_crops_size 16 --local_crops_scale 0.05 0.25 --local_crops_number 4
         --batch_size_per_gpu 64 --epochs "$EPOCHS" --epoch_length "$EPOCH_LENGTH" --warmup_epochs 1
         --lr 0.002 --momentum_teacher 0.95 --seed "$SEED" --saveckp_freq 1 --num_workers "$NUM_WORKERS")
+floor=()   # the --compare_init network's flags beyond the run's own (DINOv2's below)
 case $method in
   # DINO and DINOv2: 4,096 prototypes instead of 65,536; the teacher temperature stays at 0.04, where
   # their schedules start (0.04 -> 0.07 over 30 epochs, longer than this whole run). With a one-epoch
@@ -47,7 +48,10 @@ case $method in
   # one-hot and near uniform, then collapsed to uniform. Its own lr, 0.0005 per 256 images, did 0.7 points
   # better than the others' 0.002 at 0.996; neither learned much in this budget (docs/cifar10.md, "Every run made")
   dino)      own=(--out_dim 4096 --teacher_temp 0.04 --warmup_teacher_temp_epochs 0 --lr 0.0005 --momentum_teacher 0.996) ;;
-  dinov2)    own=(--out_dim 4096 --ibot_out_dim 4096 --teacher_temp 0.04 --warmup_teacher_temp_epochs 0) ;;
+  # DINOv2's floor is its network at layerscale 0.1, not its own 1e-5: at 1e-5 every image gets nearly the same
+  # feature and the floor is float32 rounding, near chance (eval_knn.py --help)
+  dinov2)    own=(--out_dim 4096 --ibot_out_dim 4096 --teacher_temp 0.04 --warmup_teacher_temp_epochs 0)
+             floor=(--init_layerscale 0.1) ;;
   # SimDINO: the coding-rate weight the paper's own batch gave, not this run's batch of 64. SimDINOv2: twice
   # the paper's 0.0049, Algorithm 2's balance of its two distance terms against R_eps (docs/cifar10.md)
   simdino)   own=(--gamma 0.00586) ;;
@@ -72,7 +76,8 @@ for stage in $STAGES; do
       run $PYTHON "$method.py" "${common[@]}" "${own[@]}" ${extra[@]+"${extra[@]}"} \
         --data "$data" --output_dir "$out" ;;
     knn)  # the last checkpoint, and the same network at initialisation
-      run $PYTHON eval_knn.py --checkpoint "$last" "${evaluation[@]}" --nb_knn 10 20 100 200 --compare_init ;;
+      run $PYTHON eval_knn.py --checkpoint "$last" "${evaluation[@]}" --nb_knn 10 20 100 200 --compare_init \
+        ${floor[@]+"${floor[@]}"} ;;
     knn_curve)  # the earlier epochs' checkpoints, for the k-NN curve of plot_runs.py: one call, images decoded once
       if [ -n "$CURVE_EPOCHS" ]; then
         earlier=("${curve[@]}")
