@@ -366,9 +366,10 @@ def _two_colours(rng, min_contrast=80.0):
     return bg, np.full(3, 0.0 if _luma(bg) > 127.5 else 255.0)
 
 
-def synthetic_image(label, size, rng):
+def synthetic_image(label, size, rng, with_mask=False):
     """An RGB PIL image (size x size) of class `label`, every nuisance drawn from `rng`
-    (a numpy Generator)."""
+    (a numpy Generator); with_mask: also its (size, size) float foreground mask in [0, 1]
+    (the dense evaluations' tests label pixels with it)."""
     name = SYNTHETIC_CLASSES[label]
     if name in SYNTHETIC_TEXTURES:
         m = _texture_mask(name, size, rng)  # (S, S)
@@ -384,7 +385,8 @@ def synthetic_image(label, size, rng):
     img *= 2 * rng.uniform(0, 10)
     img += bg + (fg - bg) * m + light  # (3, S, S)
     np.clip(img, 0, 255, out=img)
-    return Image.fromarray(img.transpose(1, 2, 0).astype(np.uint8), "RGB")
+    image = Image.fromarray(img.transpose(1, 2, 0).astype(np.uint8), "RGB")
+    return (image, m) if with_mask else image
 
 
 class SyntheticShapes(Dataset):

@@ -7,14 +7,17 @@
   where a per-patch feature can be perfect;
 - videos: shapes moving, turning and changing size over the frames, with their masks, in DAVIS's layout
   (JPEGImages/480p, Annotations/480p, ImageSets/2017/val.txt) or the generic one (<video>/images, <video>/masks);
-- band_videos: patch-aligned bands moving by whole patches, each object id its own exact colour.
+- band_videos: patch-aligned bands moving by whole patches, each object id its own exact colour;
+- figure_ground_set: data.py's own training images of its 7 shapes, each pixel labelled shape (1) or background (0).
+The learning check uses figure_ground_set and videos(flicker=...): what SimDINO's training teaches in two minutes of
+a CPU (the object against its background, invariance to colour changes) is what they score.
 """
 import os
 
 import numpy as np
 from PIL import Image
 
-from data import SYNTHETIC_SHAPES, _shape_mask
+from data import SYNTHETIC_SHAPES, _shape_mask, synthetic_image
 
 COLOURS = np.array([[20, 20, 20], [230, 40, 40], [40, 230, 40], [40, 40, 230], [230, 230, 40], [230, 40, 230],
                     [40, 230, 230], [240, 240, 240], [128, 64, 0], [0, 128, 64]], dtype=np.uint8)
@@ -75,8 +78,10 @@ def band_set(root, n_train=16, n_val=8, grid=4, patch=8, num_classes=4, seed=0):
     return str(root)
 
 
-def video_frames(rng, n_frames, h, w, n_objects=2):
-    """[(h, w, 3) uint8 frame, (h, w) object ids] of shapes that move and grow or shrink."""
+def video_frames(rng, n_frames, h, w, n_objects=2, flicker=0.0):
+    """[(h, w, 3) uint8 frame, (h, w) object ids] of shapes that move and grow or shrink; flicker > 0: each frame's
+    exposure, contrast and white balance (a gain per channel) drawn in [1 - flicker, 1 + flicker], as a camera's
+    automatic settings change them."""
     bg = rng.uniform(0, 255, 3)
     v_seed = int(rng.integers(1 << 30))
     objects = []
@@ -100,6 +105,9 @@ def video_frames(rng, n_frames, h, w, n_objects=2):
             keep = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
             img[ys[keep], xs[keep]] = o["colour"]
             ids[ys[keep], xs[keep]] = k + 1
+        if flicker:
+            gain, contrast = rng.uniform(1 - flicker, 1 + flicker, 3), rng.uniform(1 - flicker, 1 + flicker)
+            img = ((img - img.mean()) * contrast + img.mean()) * gain
         out.append((np.clip(img, 0, 255).astype(np.uint8), ids))
     return out
 
@@ -115,12 +123,12 @@ def write_video(root, layout, name, frames, ext=".jpg"):
         write_pair(img, ids, img_path, mask_path)
 
 
-def videos(root, layout="folder", n_videos=3, n_frames=10, size=(48, 64), seed=0):
+def videos(root, layout="folder", n_videos=3, n_frames=10, size=(48, 64), seed=0, flicker=0.0):
     """Moving-shape videos under root in the given layout ("davis" or "folder"); -> root."""
     rng = np.random.default_rng(seed)
     names = [f"video{v}" for v in range(n_videos)]
     for name in names:
-        write_video(root, layout, name, video_frames(rng, n_frames, *size))
+        write_video(root, layout, name, video_frames(rng, n_frames, *size, flicker=flicker))
     if layout == "davis":
         os.makedirs(os.path.join(root, "ImageSets", "2017"), exist_ok=True)
         with open(os.path.join(root, "ImageSets", "2017", "val.txt"), "w") as f:
@@ -142,4 +150,17 @@ def band_videos(root, n_videos=2, n_frames=8, grid=(6, 8), patch=8, seed=0):
             ids = np.repeat(cells, patch)[:, None].repeat(grid[1] * patch, 1)
             frames.append((COLOURS[ids], ids))
         write_video(root, "folder", f"bands{v}", frames, ext=".png")
+    return str(root)
+
+
+def figure_ground_set(root, n_train=200, n_val=100, size=64, seed=0):
+    """Images of data.py's synthetic dataset, its 7 shapes in turn, drawn as SyntheticShapes draws them (random
+    colours, size, place, angle, lighting, noise), labelled 1 on the shape (mask > 0.5) and 0 on the background,
+    PNG, generic layout; -> root. Its own random streams: no image is one of the training set's."""
+    for split, stream, n in (("train", 2, n_train), ("val", 3, n_val)):
+        for i in range(n):
+            img, m = synthetic_image(i % len(SYNTHETIC_SHAPES), size, np.random.default_rng([seed, stream, i]),
+                                     with_mask=True)
+            write_pair(np.asarray(img), (m > 0.5).astype(np.int64), os.path.join(root, split, "images", f"{i:03d}.png"),
+                       os.path.join(root, split, "masks", f"{i:03d}.png"))
     return str(root)
