@@ -336,8 +336,6 @@ def test_video_script_on_both_layouts_gives_the_same_scores(tiny_checkpoint, tmp
     assert again["per_object"] == res["per_object"] and again["J&F"] == res["J&F"]
 
 
-# ----------------------------------------------------------------------------- 2 processes = 1
-
 # ----------------------------------------------------------------------------- the learning check
 
 @pytest.fixture(scope="module")
@@ -381,6 +379,8 @@ def test_trained_backbone_beats_its_init_on_flickering_videos(quickstart_checkpo
     assert res["num_objects"] == 16
     assert res["J&F"] > res["init"]["J&F"] + 1, (res["J&F"], res["init"]["J&F"])
 
+
+# ----------------------------------------------------------------------------- 2 processes = 1
 
 def dist_worker(rank, world_size, port, script, argv):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
