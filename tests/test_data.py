@@ -17,7 +17,8 @@ from torchvision import transforms
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, BlockMaskGenerator, DataError,
                   ImageFolderDataset, MultiCropAugmentation, RandomGaussianBlur,
-                  SyntheticShapes, build_dataset, collate_multicrop, gaussian_blur)
+                  SYNTHETIC_CLASSES, SyntheticShapes, build_dataset, collate_multicrop, gaussian_blur,
+                  synthetic_image)
 
 
 # -----------------------------------------------------------------------------
@@ -228,11 +229,9 @@ def test_synthetic_is_deterministic_and_uses_no_global_rng():
     assert t[2][0].shape == (3, 64, 64) and t[2][1] == 2
 
 
-
 def test_synthetic_image_with_mask_is_the_same_image_and_its_mask_marks_the_foreground():
     """with_mask (the dense evaluations' labels) draws nothing more: the image is the dataset's; the mask's pixels
     carry the foreground colour, which differs from the background's by >= 80 of luminance before light and noise."""
-    from data import SYNTHETIC_CLASSES, synthetic_image
     for label in range(len(SYNTHETIC_CLASSES)):
         img = synthetic_image(label, 48, np.random.default_rng([3, label]))
         same, m = synthetic_image(label, 48, np.random.default_rng([3, label]), with_mask=True)
@@ -242,6 +241,7 @@ def test_synthetic_image_with_mask_is_the_same_image_and_its_mask_marks_the_fore
         assert abs(luma[m > 0.9].mean() - luma[m < 0.1].mean()) > 40, SYNTHETIC_CLASSES[label]
         if label < 7:                                      # a shape (diameter <= 70 % of the side) is the smaller part
             assert (m > 0.5).mean() < 0.4, SYNTHETIC_CLASSES[label]
+
 
 def _radial_spectrum(imgs):
     """Translation- and rotation-invariant descriptor: log radial profile of |FFT| of the
